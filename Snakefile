@@ -1,0 +1,28 @@
+# E1: stage-aware latency decomposition of MolmoE-1B. Thin entry point: validate, then include rules.
+# No heavy imports here: every cluster job re-parses this file.
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+REPO = Path(workflow.basedir)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/inputs.smk"
+include: "workflow/rules/measure.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/plots.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "figures/e1_stage_stack_plot.png",

@@ -1,0 +1,3 @@
+from e1.cli import main
+
+raise SystemExit(main())

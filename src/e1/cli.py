@@ -1,0 +1,102 @@
+"""Command line: `e1 describe | inputs | measure | aggregate | plot-stack`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _describe(a: argparse.Namespace) -> None:
+    from e1.describe import describe, render_table
+
+    d = describe(a.model, a.image, a.prompt_tokens, a.decode_tokens)
+    print(json.dumps(d, indent=1) if a.json else render_table(d))
+
+
+def _image(a: argparse.Namespace) -> None:
+    from e1.describe import parse_size
+    from e1.inputs import write_image
+
+    write_image(a.out, *parse_size(a.size), seed=a.seed)
+
+
+def _prompt(a: argparse.Namespace) -> None:
+    from e1.arch import load_arch
+    from e1.inputs import make_prompt, write_prompt
+
+    job = json.loads(a.job)
+    record = make_prompt(load_arch(job["model"]), a.name, job["tokens"], job.get("text"), job.get("tokenizer"),
+                         job.get("seed", 0))
+    write_prompt(a.out, record)
+
+
+def _measure(a: argparse.Namespace) -> None:
+    from e1.measure import measure
+
+    measure(json.loads(a.spec), a.out_parquet, a.out_json)
+
+
+def _aggregate(a: argparse.Namespace) -> None:
+    from e1.aggregate import aggregate
+
+    aggregate(a.summaries, a.out)
+
+
+def _plot_stack(a: argparse.Namespace) -> None:
+    from e1.plots.stack import plot_stack
+
+    plot_stack(a.breakdown, a.out)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="e1", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("describe", help="explain a configuration (counts, parameters) without running it")
+    d.add_argument("--model", default="molmoe-1b")
+    d.add_argument("--image", required=True, help="WIDTHxHEIGHT, e.g. 1008x784")
+    d.add_argument("--prompt-tokens", type=int, default=20, help="prompt length in tokens (template excluded)")
+    d.add_argument("--decode-tokens", type=int, default=1, help="new tokens (1 prefill + N-1 decode steps)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(func=_describe)
+
+    i = sub.add_parser("image", help="write a deterministic synthetic RGB image (PNG)")
+    i.add_argument("--size", required=True, help="WIDTHxHEIGHT")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--out", required=True)
+    i.set_defaults(func=_image)
+
+    q = sub.add_parser("prompt", help="write a prompt record (templated token ids) as JSON")
+    q.add_argument("--name", required=True)
+    q.add_argument("--job", required=True,
+                   help='JSON: {"model", "tokens" (used without tokenizer), "text", "tokenizer" (local dir), "seed"}')
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=_prompt)
+
+    m = sub.add_parser("measure", help="time one configuration (stage API, events, one sync per run)")
+    m.add_argument("--spec", required=True, help="JSON object: the job's configuration")
+    m.add_argument("--out-parquet", required=True)
+    m.add_argument("--out-json", required=True)
+    m.set_defaults(func=_measure)
+
+    g = sub.add_parser("aggregate", help="gather per-configuration summaries into one JSON")
+    g.add_argument("--out", required=True)
+    g.add_argument("summaries", nargs="+")
+    g.set_defaults(func=_aggregate)
+
+    s = sub.add_parser("plot-stack", help="stacked stage bars from the aggregated JSON")
+    s.add_argument("--breakdown", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_plot_stack)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"e1 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

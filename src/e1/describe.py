@@ -1,0 +1,75 @@
+"""`e1 describe`: what a configuration costs in shapes and parameters, without running it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from e1.arch import load_arch
+from e1.preprocess import TEMPLATE_TOKENS, check_context, layout_for
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1008x784' -> (1008, 784) as (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected WIDTHxHEIGHT, e.g. 1008x784") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image size {text!r}: width and height must be positive")
+    return w, h
+
+
+def param_counts(model: str) -> dict[str, int]:
+    """Parameter counts from the model built on the meta device (no memory, no time)."""
+    from e1.model.build import build_model  # torch import only when asked
+
+    return build_model(model, device="meta", dtype="bfloat16").param_counts()
+
+
+def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1) -> dict[str, Any]:
+    """Counts that drive each stage for one configuration."""
+    arch = load_arch(model)
+    if prompt_tokens < 0:
+        raise ValueError(f"prompt tokens must be >= 0, got {prompt_tokens}")
+    if decode_tokens < 1:
+        raise ValueError(f"decode tokens (new tokens) must be >= 1, got {decode_tokens}")
+    w, h = parse_size(image)
+    layout = layout_for(arch, w, h)
+    text_tokens = TEMPLATE_TOKENS + prompt_tokens
+    prefill = 1 + layout.image_tokens + text_tokens
+    check_context(arch, prefill, decode_tokens)
+    return {
+        "model": arch.name,
+        "image": f"{w}x{h}",
+        "params": param_counts(model),
+        "vision": layout.counts(),
+        "prompt_tokens": prompt_tokens,
+        "text_tokens": text_tokens,
+        "prefill_tokens": prefill,
+        "decode_tokens": decode_tokens,
+        "convention": "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps; "
+        "text tokens = prompt + 4 template tokens (' User', ':', ' Assistant', ':'); prefill adds BOS",
+    }
+
+
+def render_table(d: dict[str, Any]) -> str:
+    """Readable text version of `describe`'s result."""
+    p, v = d["params"], d["vision"]
+    rows = [
+        ("model", d["model"]),
+        ("image (WxH)", f"{d['image']} -> resized {v['resized'][0]}x{v['resized'][1]}"
+         + (" (downscaled: larger than max_crops tiles allow)" if v["downscaled"] else "")),
+        ("tiling (rows x cols)", f"{v['tiling'][0]} x {v['tiling'][1]}"),
+        ("vision encoder", f"{v['vit_crops']} crops (tiles + 1 global), {v['vit_tokens']} ViT tokens"),
+        ("projector", f"{v['pooled_features']} pooled features computed"),
+        ("prefill", f"{v['inserted_features']} features inserted, {v['image_tokens']} image tokens, "
+         f"{d['text_tokens']} text tokens, {d['prefill_tokens']} prefill tokens"),
+        ("decode", f"{d['decode_tokens']} new tokens = 1 prefill + {d['decode_tokens'] - 1} decode steps"),
+        ("params total", f"{p['total'] / 1e9:.3f} B"),
+        ("  vision encoder", f"{p['vision_encoder'] / 1e6:.1f} M"),
+        ("  projector", f"{p['projector'] / 1e6:.1f} M"),
+        ("  llm", f"{p['llm'] / 1e9:.3f} B"),
+        ("  llm active/token", f"{p['llm_active_per_token'] / 1e9:.3f} B (top-k experts + lm_head, no embedding)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)

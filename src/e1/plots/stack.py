@@ -1,0 +1,85 @@
+"""Stage stack plot: vision encoder / projector / prefill / decode per configuration, ms and %."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from e1.timing import STAGES  # noqa: E402
+
+COLORS = {"vision_encoder": "#4C72B0", "projector": "#DD8452", "prefill": "#55A868", "decode": "#C44E52"}
+LABELS = {"vision_encoder": "vision encoder", "projector": "projector", "prefill": "LLM prefill",
+          "decode": "LLM decode"}
+
+
+def subtitle(meta: dict) -> str:
+    return (f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · "
+            f"{meta['attn_implementation']} attention, {meta['experts_implementation']} experts · "
+            f"means of {meta['protocol']['timed']} timed runs after {meta['protocol']['warmup']} warm-up")
+
+
+def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
+    data = json.loads(Path(breakdown_json).read_text())
+    meta, configs = data["meta"], data["configs"]
+    # group: image (outer) -> prompt -> decode length, in the order the config lists them
+    configs = sorted(configs, key=lambda c: (c["counts"]["vit_crops"], c["prompt_tokens"], c["decode_tokens"]))
+    x = np.arange(len(configs), dtype=float)
+    gap = 0.0
+    for i in range(1, len(configs)):  # gaps between image and prompt groups
+        if configs[i]["image"] != configs[i - 1]["image"]:
+            gap += 1.0
+        elif configs[i]["prompt"] != configs[i - 1]["prompt"]:
+            gap += 0.4
+        x[i] += gap
+    ms = {s: np.array([c["stages"][s]["mean_ms"] for c in configs]) for s in STAGES}
+    total = sum(ms.values())
+
+    fig, (ax_ms, ax_pct, ax_fixed) = plt.subplots(
+        3, 1, figsize=(max(10, 0.42 * len(configs) + 3), 11), sharex=True,
+        gridspec_kw={"height_ratios": [3, 2, 2]})
+    bottom_ms = np.zeros(len(configs))
+    bottom_pct = np.zeros(len(configs))
+    bottom_fixed = np.zeros(len(configs))
+    for s in STAGES:
+        ax_ms.bar(x, ms[s], 0.8, bottom=bottom_ms, color=COLORS[s], label=LABELS[s])
+        pct = 100 * ms[s] / total
+        ax_pct.bar(x, pct, 0.8, bottom=bottom_pct, color=COLORS[s])
+        bottom_ms += ms[s]
+        bottom_pct += pct
+        if s != "decode":
+            ax_fixed.bar(x, ms[s], 0.8, bottom=bottom_fixed, color=COLORS[s])
+            bottom_fixed += ms[s]
+    ax_ms.set_ylabel("latency per request\n(ms, mean)")
+    ax_ms.legend(loc="upper left", ncol=4, frameon=False)
+    ax_ms.grid(axis="y", alpha=0.3)
+    ax_ms.set_ylim(0, bottom_ms.max() * 1.15)
+    ax_pct.set_ylabel("share of the four\nstages (%)")
+    ax_pct.set_ylim(0, 100)
+    ax_pct.grid(axis="y", alpha=0.3)
+    ax_fixed.set_ylabel("before decode (ms):\nvision + projector + prefill")
+    ax_fixed.grid(axis="y", alpha=0.3)
+    ax_fixed.set_xticks(x)
+    ax_fixed.set_xticklabels([f"{c['prompt']} ({c['prompt_tokens']}t)\n{c['decode_tokens']} new" for c in configs],
+                             rotation=90, fontsize=7)
+    for image in dict.fromkeys(c["image"] for c in configs):
+        xs = [xi for xi, c in zip(x, configs) if c["image"] == image]
+        c0 = next(c for c in configs if c["image"] == image)
+        ax_ms.annotate(f"{image}: {c0['counts']['vit_crops']} crops, {c0['counts']['pooled_features']} pooled, "
+                       f"{c0['counts']['inserted_features']} in LLM", xy=(np.mean(xs), 1.0),
+                       xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
+    title = "E1: where MolmoE inference time goes, by stage"
+    if meta["model"] != "molmoe-1b":
+        title += f" — {meta['model']}: scaled-down stand-in, not MolmoE-1B timings"
+    fig.suptitle(title, fontsize=13, y=0.995)
+    ax_ms.set_title(subtitle(meta) + "\nN new tokens = 1 prefill + N−1 decode steps; image preprocessing (CPU) "
+                    "not shown", fontsize=8, pad=16)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""The timing core: a fixed-length greedy loop over MolmoE's stage API, with one mark per boundary.
+
+Convention: N new tokens = 1 prefill forward (its logits give token 1) + N-1 decode steps; EOS ignored.
+On CUDA every mark is an event recorded on the current stream and the run ends with one synchronize;
+end-to-end is the host clock around that synchronized run. On CPU every mark is the host clock.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from e1.model.molmoe import MolmoE
+
+STAGES = ("vision_encoder", "projector", "prefill", "decode")
+CONVENTION = (
+    "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps, EOS ignored, greedy; "
+    "stages are bracketed by CUDA events on the stream (host clock on CPU) with one synchronize per run; "
+    "e2e = host clock around the synchronized run (image preprocessing excluded, reported as 'preprocess'); "
+    "unattributed = e2e - sum of the four stages; Python's garbage collector is paused during each run"
+)
+
+
+@dataclass
+class StageInputs:
+    """Everything one run needs, already on the device (prepared outside the timed region)."""
+
+    crops: torch.Tensor  # (n_crops, 3, 336, 336)
+    patch_masks: torch.Tensor  # (n_crops, 576)
+    input_ids: torch.Tensor  # (1, T)
+    feature_index: torch.Tensor  # (inserted,)
+    token_position: torch.Tensor  # (inserted,)
+
+
+@dataclass
+class RunTiming:
+    stages_ms: dict[str, float]
+    decode_steps_ms: list[float]
+    e2e_ms: float
+    tokens: torch.Tensor = field(repr=False)  # (new_tokens,) generated ids
+
+    @property
+    def unattributed_ms(self) -> float:
+        return self.e2e_ms - sum(self.stages_ms.values())
+
+
+class Clock:
+    """Marks stage boundaries: CUDA events on a CUDA device, host perf_counter otherwise.
+
+    events=False on CUDA records nothing (only the host e2e), to measure the instrumentation's cost.
+    """
+
+    def __init__(self, device: torch.device, n_marks: int, events: bool = True):
+        self.cuda = device.type == "cuda"
+        self.events = events
+        if self.cuda and events:
+            self._marks = [torch.cuda.Event(enable_timing=True) for _ in range(n_marks)]
+        else:
+            self._marks = [0.0] * n_marks
+        self._i = 0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()  # the device is idle before the host clock starts
+        self._i = 0
+        self._t0 = time.perf_counter()
+
+    def mark(self) -> None:
+        if self.cuda:
+            if self.events:
+                self._marks[self._i].record()
+        else:
+            self._marks[self._i] = time.perf_counter()
+        self._i += 1
+
+    def stop(self) -> float:
+        """One synchronize; returns host e2e in ms."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - self._t0) * 1e3
+
+    def intervals_ms(self) -> list[float]:
+        """Durations between consecutive marks (empty when events are off)."""
+        if self.cuda and not self.events:
+            return []
+        m = self._marks[: self._i]
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in zip(m, m[1:])]
+        return [(b - a) * 1e3 for a, b in zip(m, m[1:])]
+
+
+@contextmanager
+def gc_paused():
+    """Collect garbage first, then keep the collector out of the timed region (as timeit does)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@torch.inference_mode()
+def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: bool = True) -> RunTiming:
+    """One run of the four stages with forced length `new_tokens`; no host sync inside the run."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    clock = Clock(inp.input_ids.device, n_marks=4 + new_tokens - 1, events=events)
+    with gc_paused():
+        clock.start()
+        clock.mark()
+        feats = model.encode_images(inp.crops)
+        clock.mark()
+        embeds = model.project(feats, inp.patch_masks)
+        clock.mark()
+        logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+        token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+        tokens = [token]
+        clock.mark()
+        for _ in range(new_tokens - 1):
+            logits, cache = model.decode_step(token, cache)
+            token = logits.argmax(dim=-1, keepdim=True)
+            tokens.append(token)
+            clock.mark()
+        e2e = clock.stop()
+    iv = clock.intervals_ms()
+    if iv:
+        steps = iv[3:]
+        stages = {"vision_encoder": iv[0], "projector": iv[1], "prefill": iv[2], "decode": float(sum(steps))}
+    else:
+        steps, stages = [], {}
+    return RunTiming(stages_ms=stages, decode_steps_ms=steps, e2e_ms=e2e, tokens=torch.cat(tokens, 1)[0])

@@ -1,0 +1,364 @@
+"""The Snakemake workflow end to end on the CPU: a small grid, no-op reruns, incremental reruns, schema errors.
+
+The rules find the package's modules through REPO = Path(workflow.basedir), i.e. the directory of the
+Snakefile. A copied Snakefile would look for src/e1/*.py next to the copy (MissingInputException), so the
+tests run the repository's own Snakefile with `--directory <tmp>` and a small test config passed with
+`--configfile`: all outputs (inputs/, results/, figures/, logs/, .snakemake/) land in the tmp dir.
+
+One real run of the small grid (8 measurement jobs) takes about 2 minutes on 2 CPU cores; everything
+else is dry runs (about 1.5 s each). Module mtimes are bumped with os.utime and restored afterwards;
+file contents in the repository are never changed (see MTIME_ONLY for how a bump stands for an edit).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+TARGET = "figures/e1_stage_stack_plot.png"
+RUN = "molmoe-1b-tiny_cpu_float32"
+BREAKDOWN = "results/e1_stage_latency_breakdown.json"
+
+TEST_CONFIG = {
+    "model": "auto",
+    "device": "cpu",
+    "dtype": "auto",
+    "weights": "random",
+    "seed": 0,
+    "images": ["336x336", "560x560"],
+    "prompts": {
+        "short": {"tokens": 16, "text": "What color is the car?"},
+        "long": {"tokens": 120, "text": "Describe the scene in detail."},
+    },
+    "decode_tokens": [2, 4],
+    "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
+}
+CONFIG_IDS = [f"{i}__{p}__n{n}" for i in TEST_CONFIG["images"] for p in TEST_CONFIG["prompts"]
+              for n in TEST_CONFIG["decode_tokens"]]
+STAGE_KEYS = ("vision_encoder", "projector", "prefill", "decode", "e2e", "unattributed")
+STAT_KEYS = ("mean_ms", "median_ms", "p95_ms", "p99_ms", "std_ms", "n")
+# Package files the measure rule depends on (workflow/rules/common.smk CODE_MEASURE and friends).
+WATCHED = [REPO / "src" / "e1" / f for f in (
+    "measure.py", "timing.py", "stats.py", "envinfo.py", "preprocess.py", "arch.py", "archs/molmoe-1b-tiny.json",
+    "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py", "inputs.py", "describe.py",
+    "aggregate.py", "plots/stack.py")]
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: float = 600):
+    """Run the repository's Snakefile in `workdir`; returns (returncode, combined output, seconds)."""
+    # targets first: --configfile takes several values and would swallow targets placed after it
+    cmd = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(configfile or workdir / "config.yaml")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr, time.perf_counter() - t0
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table snakemake prints ({} when there is nothing to do)."""
+    m = re.search(r"Job stats:\njob\s+count\n[- ]+\n(.*?)\ntotal\s+(\d+)", output, re.S)
+    if m is None:
+        return {}
+    counts = {}
+    for line in m.group(1).splitlines():
+        name, n = line.split()
+        counts[name] = int(n)
+    assert sum(counts.values()) == int(m.group(2)), output
+    return counts
+
+
+def measure_wildcards(output: str) -> list[str]:
+    """Config ids of the measure jobs a dry run lists."""
+    return sorted(f"{i}__{p}__n{n}" for i, p, n in
+                  re.findall(r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+)", output))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextmanager
+def bumped_mtime(path: Path):
+    """Make `path` look newer than every output; restore its mtime afterwards (contents untouched).
+
+    The mtime is restored only if nobody else changed the file meanwhile (another agent may be editing
+    package files): then its new mtime is what makes snakemake rerun, and must stay.
+    """
+    st = path.stat()
+    before = digest(path)
+    new_ns = time.time_ns() + 5_000_000_000  # clearly newer than outputs written moments ago
+    os.utime(path, ns=(st.st_atime_ns, new_ns))
+    try:
+        yield
+    finally:
+        if path.stat().st_mtime_ns == new_ns and digest(path) == before:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    """The small grid, built once: workdir, the output of the run, its duration, watched mtimes."""
+    work = tmp_path_factory.mktemp("e1_workflow")
+    config = write_config(work / "config.yaml", TEST_CONFIG)
+    mtimes = {p: p.stat().st_mtime_ns for p in WATCHED}
+    rc, out, secs = snakemake(work, TARGET, configfile=config)
+    print(f"\nfull run of the small grid: {secs:.1f} s")
+    return {"dir": work, "config": config, "rc": rc, "out": out, "secs": secs, "mtimes": mtimes}
+
+
+@pytest.fixture(scope="module")
+def breakdown(wf):
+    assert wf["rc"] == 0, wf["out"][-6000:]
+    return json.loads((wf["dir"] / BREAKDOWN).read_text())
+
+
+def assert_package_unchanged(wf):
+    """Dry-run expectations assume nobody edited package files since the build."""
+    changed = [str(p) for p, ns in wf["mtimes"].items() if p.stat().st_mtime_ns != ns]
+    assert not changed, f"package files were modified while the workflow test ran: {changed}"
+
+
+# --- the full run ------------------------------------------------------------------------------------
+
+def test_run_succeeds(wf):
+    assert wf["rc"] == 0, wf["out"][-6000:]
+    counts = job_counts(wf["out"])
+    assert counts == {"image": 2, "prompt": 2, "measure": 8, "aggregate": 1, "plot_stack": 1}, wf["out"][-3000:]
+    assert (wf["dir"] / BREAKDOWN).is_file()
+
+
+def test_breakdown_configs(breakdown):
+    configs = breakdown["configs"]
+    assert set(breakdown) == {"meta", "configs"}
+    assert len(configs) == 8
+    assert sorted(c["id"] for c in configs) == sorted(CONFIG_IDS)
+    for c in configs:
+        n_new = c["decode_tokens"]
+        assert c["id"] == f"{c['image']}__{c['prompt']}__n{n_new}"
+        assert c["decode_steps"] == n_new - 1
+        for s in STAGE_KEYS:
+            st = c["stages"][s]
+            for k in STAT_KEYS:
+                assert k in st, (c["id"], s, k)
+            assert st["n"] == 10, (c["id"], s)
+            assert st["mean_ms"] >= 0 and st["median_ms"] >= 0 and st["std_ms"] >= 0
+            assert st["p95_ms"] <= st["p99_ms"] + 1e-9
+        assert c["stages"]["unattributed"]["min_ms"] >= 0  # CPU: host marks lie inside the host e2e
+        assert c["decode_step"]["n"] == 10 * (n_new - 1), c["id"]
+        for k in STAT_KEYS:
+            assert k in c["decode_step"]
+        assert c["tokens_identical_across_runs"] is True
+        assert c["prompt_tokens"] == TEST_CONFIG["prompts"][c["prompt"]]["tokens"]
+
+
+def test_breakdown_meta(breakdown):
+    meta = breakdown["meta"]
+    assert meta["model"] == "molmoe-1b-tiny"
+    assert meta["device_type"] == "cpu"
+    assert meta["dtype"] == "float32"
+    assert "N-1 decode steps" in meta["convention"]
+    assert meta["protocol"] == {"warmup": 3, "timed": 10, "batch_size": 1}
+    assert meta["weights"] == "random" and meta["seed"] == 0
+    assert len(meta["build_s"]) == 8
+
+
+def test_figure_written(wf, breakdown):
+    png = wf["dir"] / TARGET
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000  # a real multi-bar chart, not an empty canvas
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.width >= 400 and im.height >= 300
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is not None and len(colors) > 10
+
+
+def test_parquet_rows_match_summaries(wf, breakdown):
+    for c in breakdown["configs"]:
+        n_new = c["decode_tokens"]
+        df = pd.read_parquet(wf["dir"] / f"results/{RUN}/measure/{c['id']}.parquet")
+        assert list(df.columns) == ["config_id", "run", "stage", "step", "ms"]
+        assert (df.config_id == c["id"]).all()
+        assert sorted(df.run.unique()) == list(range(10))
+        assert len(df) == 10 * (1 + 4 + 2 + (n_new - 1))
+        for run, g in df.groupby("run"):
+            assert len(g) == 1 + 4 + 2 + (n_new - 1)
+            steps = g[g.stage == "decode_step"]
+            assert sorted(steps.step) == list(range(1, n_new))
+            assert (g[g.stage != "decode_step"].step == -1).all()
+            ms = g[g.stage != "decode_step"].set_index("stage").ms
+            four = ms[["vision_encoder", "projector", "prefill", "decode"]].sum()
+            assert ms["unattributed"] == pytest.approx(ms["e2e"] - four, abs=1e-6)
+            assert ms["decode"] == pytest.approx(steps.ms.sum(), abs=1e-6)
+        assert (df.ms >= 0).all()
+        for s in ("preprocess", *STAGE_KEYS):
+            v = df[df.stage == s].ms
+            assert c["stages"][s]["mean_ms"] == pytest.approx(v.mean(), rel=1e-12), (c["id"], s)
+            assert c["stages"][s]["median_ms"] == pytest.approx(v.median(), rel=1e-12), (c["id"], s)
+            assert c["stages"][s]["n"] == len(v)
+        steps = df[df.stage == "decode_step"].ms
+        assert c["decode_step"]["mean_ms"] == pytest.approx(steps.mean(), rel=1e-12)
+        assert c["decode_step"]["n"] == len(steps)
+        summary = json.loads((wf["dir"] / f"results/{RUN}/measure/{c['id']}.json").read_text())
+        assert summary["stages"] == c["stages"]
+
+
+# --- nothing to do -----------------------------------------------------------------------------------
+
+def test_second_run_does_nothing(wf, breakdown):
+    assert_package_unchanged(wf)
+    outputs = [wf["dir"] / TARGET, wf["dir"] / BREAKDOWN,
+               *(wf["dir"] / f"results/{RUN}/measure/{cid}.parquet" for cid in CONFIG_IDS)]
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    for target in ([TARGET], []):  # the figure, and the default target (rule all)
+        rc, out, secs = snakemake(wf["dir"], "-n", *target)
+        print(f"\nno-op dry run {target or '(all)'}: {secs:.1f} s")
+        assert rc == 0, out[-3000:]
+        assert "Nothing to be done" in out, out[-3000:]
+        assert job_counts(out) == {}
+    rc, out, secs = snakemake(wf["dir"], TARGET)  # a real second run
+    print(f"no-op real run: {secs:.1f} s")
+    assert rc == 0, out[-3000:]
+    assert "Nothing to be done" in out, out[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+
+
+# --- incremental reruns (dry runs) -------------------------------------------------------------------
+# Snakemake 9 does not rerun a job whose input is newer than its outputs when that input (< 1 MB) still
+# has the checksum recorded when the job ran: touching a file without editing it changes nothing.
+# `--max-checksum-file-size 0` turns that comparison off, so a bumped mtime stands for an edit and shows
+# which rules each module feeds (a real edit changes the checksum and reruns the same jobs).
+MTIME_ONLY = ("--max-checksum-file-size", "0")
+
+
+def test_touch_without_edit_reruns_nothing(wf, breakdown):
+    assert_package_unchanged(wf)
+    with bumped_mtime(REPO / "src/e1/timing.py"):
+        rc, out, _ = snakemake(wf["dir"], "-n")
+    assert rc == 0, out[-3000:]
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+def test_touch_plot_module_reruns_only_the_plot(wf, breakdown):
+    assert_package_unchanged(wf)
+    with bumped_mtime(REPO / "src/e1/plots/stack.py"):
+        rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
+    assert rc == 0, out[-3000:]
+    assert job_counts(out) == {"plot_stack": 1, "all": 1}, out[-3000:]
+
+
+def test_touch_timing_module_reruns_all_measurements(wf, breakdown):
+    assert_package_unchanged(wf)
+    with bumped_mtime(REPO / "src/e1/timing.py"):
+        rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
+    assert rc == 0, out[-3000:]
+    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+    assert measure_wildcards(out) == sorted(CONFIG_IDS)
+
+
+def test_touch_aggregate_module_reruns_aggregate_and_plot(wf, breakdown):
+    assert_package_unchanged(wf)
+    with bumped_mtime(REPO / "src/e1/aggregate.py"):
+        rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
+    assert rc == 0, out[-3000:]
+    assert job_counts(out) == {"aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+
+
+def test_changing_one_prompt_reruns_only_its_jobs(wf, breakdown):
+    assert_package_unchanged(wf)
+    cfg = copy.deepcopy(TEST_CONFIG)
+    cfg["prompts"]["long"]["tokens"] = 121
+    path = write_config(wf["dir"] / "config_long121.yaml", cfg)
+    rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
+    assert rc == 0, out[-3000:]
+    assert job_counts(out) == {"prompt": 1, "measure": 4, "aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+    assert "output: inputs/prompts/long.json" in out and "output: inputs/prompts/short.json" not in out
+    assert out.count("reason: Params have changed since last execution") == 1, out[-3000:]  # the prompt job
+    assert measure_wildcards(out) == sorted(cid for cid in CONFIG_IDS if "__long__" in cid)
+
+
+def test_changing_timed_runs_reruns_all_measurements(wf, breakdown):
+    assert_package_unchanged(wf)
+    cfg = copy.deepcopy(TEST_CONFIG)
+    cfg["protocol"]["timed"] = 11
+    path = write_config(wf["dir"] / "config_timed11.yaml", cfg)
+    rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
+    assert rc == 0, out[-3000:]
+    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+    assert measure_wildcards(out) == sorted(CONFIG_IDS)
+    assert out.count("reason: Params have changed since last execution") == 8, out[-3000:]
+
+
+def test_dry_runs_left_the_workdir_up_to_date(wf, breakdown):
+    """After the dry runs (and mtime restores), the original config still has nothing to do."""
+    assert_package_unchanged(wf)
+    rc, out, _ = snakemake(wf["dir"], "-n")
+    assert rc == 0 and "Nothing to be done" in out, out[-3000:]
+
+
+# --- schema errors -----------------------------------------------------------------------------------
+
+def _bad(update) -> dict:
+    cfg = copy.deepcopy(TEST_CONFIG)
+    update(cfg)
+    return cfg
+
+
+BAD_CONFIGS = {
+    # name: (config, texts the error must contain)
+    "warmup-7": (_bad(lambda c: c["protocol"].update(warmup=7)),
+                 ["7 is greater than the maximum of 5", "['protocol']['warmup']"]),
+    "timed-5": (_bad(lambda c: c["protocol"].update(timed=5)),
+                ["5 is less than the minimum of 10", "['protocol']['timed']"]),
+    "image-336": (_bad(lambda c: c.update(images=["336"])),
+                  ["'336' does not match '^[1-9][0-9]*x[1-9][0-9]*$'", "['images']"]),
+    "decode-0": (_bad(lambda c: c.update(decode_tokens=[0])),
+                 ["0 is less than the minimum of 1", "['decode_tokens']"]),
+    "model-gpt2": (_bad(lambda c: c.update(model="gpt2")),
+                   ["'gpt2' is not one of ['auto', 'molmoe-1b', 'molmoe-1b-tiny']", "['model']"]),
+    "unknown-key": (_bad(lambda c: c.update(unknown_knob=1)),
+                    ["Additional properties are not allowed ('unknown_knob' was unexpected)",
+                     "'additionalProperties': False", "'properties': {'model'"]),
+}
+
+
+@pytest.fixture(scope="module")
+def empty_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e1_schema")
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_schema_rejects_bad_config(empty_dir, name):
+    cfg, texts = BAD_CONFIGS[name]
+    work = empty_dir / name
+    work.mkdir()
+    path = write_config(work / "bad.yaml", cfg)
+    rc, out, _ = snakemake(work, "-n", configfile=path)
+    assert rc != 0, out[-3000:]
+    assert "Error validating config file" in out, out[-3000:]
+    for t in texts:
+        assert t in out, f"{t!r} not in:\n{out[-3000:]}"
+    assert "Building DAG of jobs" not in out  # failed while parsing, before planning any job
+    assert not any((work / d).exists() for d in ("inputs", "results", "figures", "logs"))

@@ -1,0 +1,13 @@
+# Figures from the aggregated results.
+
+
+rule plot_stack:
+    input:
+        breakdown="results/e1_stage_latency_breakdown.json",
+        code=CODE_PLOT_STACK,
+    output:
+        "figures/e1_stage_stack_plot.png",
+    log:
+        "logs/plot_stack.log",
+    shell:
+        "{E1} plot-stack --breakdown {input.breakdown} --out {output} 2> {log}"
