@@ -19,6 +19,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/inputs.smk"
 include: "workflow/rules/measure.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/profile.smk"
 include: "workflow/rules/plots.smk"
 
 
@@ -26,3 +27,4 @@ rule all:
     default_target: True
     input:
         "figures/e1_stage_stack_plot.png",
+        "figures/e1_attention_ffn_breakdown.png",

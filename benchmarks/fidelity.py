@@ -95,6 +95,12 @@ def profile_summary(fn, table_path: str) -> dict:
             "ops": sum(e.count for e in ka if e.key.startswith("aten::"))}
 
 
+def save(report: dict, path: str) -> None:
+    """Write what has been measured so far (a killed run keeps its finished sections)."""
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -127,6 +133,7 @@ def main() -> None:
         "peak_memory_gib": peak_gib(),
     }
     print("1008x784 n16", json.dumps(report["cfg_1008x784_p20_n16"]), flush=True)
+    save(report, a.out)
 
     # 2) fidelity: sum of stages vs e2e, and the events' cost (interleaved with/without)
     fid = {}
@@ -148,7 +155,8 @@ def main() -> None:
                             statistics.mean([r.stages_ms[s] for r in with_ev]) for s in with_ev[0].stages_ms},
         }
         print("fidelity", key, json.dumps(fid[key]), flush=True)
-    report["fidelity"] = fid
+        report["fidelity"] = fid
+        save(report, a.out)
 
     # 3) ours vs transformers generate() (LLM part only: prefill + decode from the same embeddings)
     inp = inputs_for(arch, (1008, 784), 20, device, dtype)
@@ -161,7 +169,8 @@ def main() -> None:
                             "hf_over_ours": med(hf_ms) / ours_llm,
                             "same_tokens": bool(torch.equal(ours[-1].tokens.cpu(), hf_tokens.cpu()))}
         print("generate", n_new, json.dumps(gen[f"n{n_new}"]), flush=True)
-    report["vs_generate"] = gen
+        report["vs_generate"] = gen
+        save(report, a.out)
 
     # 4) why the two differ: host (CPU) and device time per op for 9 new tokens each
     report["profile_9_tokens"] = {
@@ -175,8 +184,7 @@ def main() -> None:
     report["import_e1_measure_s"] = time.perf_counter() - t0
     if device.type == "cuda":
         report["env"]["gpu_after"] = envinfo.gpu_state(0)
-    with open(a.out, "w") as f:
-        json.dump(report, f, indent=1)
+    save(report, a.out)
     print(json.dumps({k: v for k, v in report.items() if k != "env"}, indent=1))
 
 

@@ -30,6 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 TARGET = "figures/e1_stage_stack_plot.png"
+BREAKDOWN_FIGURE = "figures/e1_attention_ffn_breakdown.png"
 RUN = "molmoe-1b-tiny_cpu_float32"
 BREAKDOWN = "results/e1_stage_latency_breakdown.json"
 
@@ -46,6 +47,7 @@ TEST_CONFIG = {
     },
     "decode_tokens": [2, 4],
     "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
+    "profile": {"warmup": 1, "runs": 2, "max_decode_steps": 3},
 }
 CONFIG_IDS = [f"{i}__{p}__n{n}" for i in TEST_CONFIG["images"] for p in TEST_CONFIG["prompts"]
               for n in TEST_CONFIG["decode_tokens"]]
@@ -89,8 +91,9 @@ def job_counts(output: str) -> dict[str, int]:
 
 def measure_wildcards(output: str) -> list[str]:
     """Config ids of the measure jobs a dry run lists."""
-    return sorted(f"{i}__{p}__n{n}" for i, p, n in
-                  re.findall(r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+)", output))
+    blocks = re.split(r"\n(?=\S*rule \w+:)", output)
+    return sorted(f"{i}__{p}__n{n}" for b in blocks if re.match(r"\S*rule measure:", b.strip()) for i, p, n in
+                  re.findall(r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+)", b))
 
 
 def digest(path: Path) -> str:
@@ -121,7 +124,7 @@ def wf(tmp_path_factory):
     work = tmp_path_factory.mktemp("e1_workflow")
     config = write_config(work / "config.yaml", TEST_CONFIG)
     mtimes = {p: p.stat().st_mtime_ns for p in WATCHED}
-    rc, out, secs = snakemake(work, TARGET, configfile=config)
+    rc, out, secs = snakemake(work, configfile=config)  # the default target: both figures
     print(f"\nfull run of the small grid: {secs:.1f} s")
     return {"dir": work, "config": config, "rc": rc, "out": out, "secs": secs, "mtimes": mtimes}
 
@@ -143,7 +146,8 @@ def assert_package_unchanged(wf):
 def test_run_succeeds(wf):
     assert wf["rc"] == 0, wf["out"][-6000:]
     counts = job_counts(wf["out"])
-    assert counts == {"image": 2, "prompt": 2, "measure": 8, "aggregate": 1, "plot_stack": 1}, wf["out"][-3000:]
+    assert counts == {"image": 2, "prompt": 2, "measure": 8, "aggregate": 1, "plot_stack": 1, "profile": 8,
+                      "parse_trace": 8, "breakdown": 1, "plot_breakdown": 1, "all": 1}, wf["out"][-3000:]
     assert (wf["dir"] / BREAKDOWN).is_file()
 
 
@@ -182,8 +186,9 @@ def test_breakdown_meta(breakdown):
     assert len(meta["build_s"]) == 8
 
 
-def test_figure_written(wf, breakdown):
-    png = wf["dir"] / TARGET
+@pytest.mark.parametrize("figure", [TARGET, BREAKDOWN_FIGURE])
+def test_figure_written(wf, breakdown, figure):
+    png = wf["dir"] / figure
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000  # a real multi-bar chart, not an empty canvas
@@ -274,7 +279,7 @@ def test_touch_timing_module_reruns_all_measurements(wf, breakdown):
     with bumped_mtime(REPO / "src/e1/timing.py"):
         rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "profile": 8, "parse_trace": 8, "breakdown": 1, "plot_breakdown": 1, "all": 1}, out[-3000:]
     assert measure_wildcards(out) == sorted(CONFIG_IDS)
 
 
@@ -293,7 +298,8 @@ def test_changing_one_prompt_reruns_only_its_jobs(wf, breakdown):
     path = write_config(wf["dir"] / "config_long121.yaml", cfg)
     rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"prompt": 1, "measure": 4, "aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+    assert job_counts(out) == {"prompt": 1, "measure": 4, "aggregate": 1, "plot_stack": 1, "profile": 4,
+                               "parse_trace": 4, "breakdown": 1, "plot_breakdown": 1, "all": 1}, out[-3000:]
     assert "output: inputs/prompts/long.json" in out and "output: inputs/prompts/short.json" not in out
     assert out.count("reason: Params have changed since last execution") == 1, out[-3000:]  # the prompt job
     assert measure_wildcards(out) == sorted(cid for cid in CONFIG_IDS if "__long__" in cid)
@@ -306,7 +312,9 @@ def test_changing_timed_runs_reruns_all_measurements(wf, breakdown):
     path = write_config(wf["dir"] / "config_timed11.yaml", cfg)
     rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+    # the profile jobs do not depend on the timed-run count; the breakdown compares against the timed runs
+    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "breakdown": 1, "plot_breakdown": 1,
+                               "all": 1}, out[-3000:]
     assert measure_wildcards(out) == sorted(CONFIG_IDS)
     assert out.count("reason: Params have changed since last execution") == 8, out[-3000:]
 

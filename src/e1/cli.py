@@ -1,4 +1,5 @@
-"""Command line: `e1 describe | inputs | measure | aggregate | plot-stack`."""
+"""Command line: `e1 describe | image | prompt | measure | aggregate | plot-stack | profile | parse-trace |
+breakdown | plot-breakdown`."""
 
 from __future__ import annotations
 
@@ -49,6 +50,30 @@ def _plot_stack(a: argparse.Namespace) -> None:
     plot_stack(a.breakdown, a.out)
 
 
+def _profile(a: argparse.Namespace) -> None:
+    from e1.profiling import profile_config
+
+    profile_config(json.loads(a.spec), a.out_trace, a.out_json, a.out_routing)
+
+
+def _parse_trace(a: argparse.Namespace) -> None:
+    from e1.breakdown import parse
+
+    parse(a.trace, a.profile, a.routing, a.out_components, a.out_stages, a.out_json)
+
+
+def _breakdown(a: argparse.Namespace) -> None:
+    from e1.breakdown import aggregate
+
+    aggregate(a.summaries, a.measured, a.out)
+
+
+def _plot_breakdown(a: argparse.Namespace) -> None:
+    from e1.plots.breakdown import plot_breakdown
+
+    plot_breakdown(a.breakdown, a.out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="e1", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,6 +114,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--breakdown", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_plot_stack)
+    pr = sub.add_parser("profile", help="torch.profiler trace of one configuration with stage/component ranges")
+    pr.add_argument("--spec", required=True, help="JSON object: the job's configuration")
+    pr.add_argument("--out-trace", required=True, help="Kineto trace (.json.gz)")
+    pr.add_argument("--out-json", required=True)
+    pr.add_argument("--out-routing", required=True, help="tokens per expert per layer in prefill (Parquet)")
+    pr.set_defaults(func=_profile)
+
+    pt = sub.add_parser("parse-trace", help="attribute a trace's device time to stages and components")
+    pt.add_argument("--trace", required=True)
+    pt.add_argument("--profile", required=True, help="the profile job's JSON")
+    pt.add_argument("--routing", required=True)
+    pt.add_argument("--out-components", required=True)
+    pt.add_argument("--out-stages", required=True)
+    pt.add_argument("--out-json", required=True)
+    pt.set_defaults(func=_parse_trace)
+
+    b = sub.add_parser("breakdown", help="gather per-configuration breakdowns into one JSON")
+    b.add_argument("--out", required=True)
+    b.add_argument("--summaries", nargs="+", required=True, help="parse-trace summaries (JSON)")
+    b.add_argument("--measured", nargs="*", default=[], help="measure summaries (for profiled vs timed)")
+    b.set_defaults(func=_breakdown)
+
+    pb = sub.add_parser("plot-breakdown", help="attention/FFN/router/other/idle bars from the breakdown JSON")
+    pb.add_argument("--breakdown", required=True)
+    pb.add_argument("--out", required=True)
+    pb.set_defaults(func=_plot_breakdown)
     return p
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import gc
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from e1.model.molmoe import MolmoE
 
 STAGES = ("vision_encoder", "projector", "prefill", "decode")
+STAGE_RANGE, COMP_RANGE = "e1.stage:", "e1.comp:"  # profiler range prefixes (see e1.components)
 CONVENTION = (
     "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps, EOS ignored, greedy; "
     "stages are bracketed by CUDA events on the stream (host clock on CPU) with one synchronize per run; "
@@ -107,25 +109,36 @@ def gc_paused():
 
 
 @torch.inference_mode()
-def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: bool = True) -> RunTiming:
-    """One run of the four stages with forced length `new_tokens`; no host sync inside the run."""
+def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: bool = True,
+                   annotate: bool = False) -> RunTiming:
+    """One run of the four stages with forced length `new_tokens`; no host sync inside the run.
+
+    annotate=True wraps every stage, decode step and the sampling in profiler ranges (profile jobs only).
+    """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    rng = record_function if annotate else nullcontext
     clock = Clock(inp.input_ids.device, n_marks=4 + new_tokens - 1, events=events)
     with gc_paused():
         clock.start()
         clock.mark()
-        feats = model.encode_images(inp.crops)
+        with rng(f"{STAGE_RANGE}vision_encoder"):
+            feats = model.encode_images(inp.crops)
         clock.mark()
-        embeds = model.project(feats, inp.patch_masks)
+        with rng(f"{STAGE_RANGE}projector"):
+            embeds = model.project(feats, inp.patch_masks)
         clock.mark()
-        logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
-        token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+        with rng(f"{STAGE_RANGE}prefill"):
+            logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+            with rng(f"{COMP_RANGE}sampling"):
+                token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
         tokens = [token]
         clock.mark()
-        for _ in range(new_tokens - 1):
-            logits, cache = model.decode_step(token, cache)
-            token = logits.argmax(dim=-1, keepdim=True)
+        for step in range(1, new_tokens):
+            with rng(f"{STAGE_RANGE}decode#{step}"):
+                logits, cache = model.decode_step(token, cache)
+                with rng(f"{COMP_RANGE}sampling"):
+                    token = logits.argmax(dim=-1, keepdim=True)
             tokens.append(token)
             clock.mark()
         e2e = clock.stop()

@@ -86,3 +86,25 @@ def measure_spec(wildcards):
         "decode_tokens": int(wildcards.decode),
         "warmup": config["protocol"]["warmup"], "timed": config["protocol"]["timed"],
     }, sort_keys=True)
+
+
+CODE_PROFILE = CODE_MEASURE + code("profiling.py", "components.py")
+CODE_PARSE = code("trace.py", "breakdown.py", "components.py")
+CODE_PLOT_BREAKDOWN = code("plots/breakdown.py")
+
+
+def profile_path(name):
+    return f"results/{RUN}/profile/{{image}}__{{prompt}}__n{{decode}}.{name}"
+
+
+def all_breakdowns(wildcards):
+    return [f"results/{RUN}/breakdown/{cid}.json" for cid in CONFIG_IDS]
+
+
+def profile_spec(wildcards):
+    """One dict per profile job (JSON): the measure spec plus the profiler settings."""
+    spec = json.loads(measure_spec(wildcards))
+    spec.update(warmup=config["profile"]["warmup"], profile_runs=config["profile"]["runs"],
+                max_decode_steps=config["profile"]["max_decode_steps"])
+    del spec["timed"]
+    return json.dumps(spec, sort_keys=True)

@@ -11,3 +11,15 @@ rule plot_stack:
         "logs/plot_stack.log",
     shell:
         "{E1} plot-stack --breakdown {input.breakdown} --out {output} 2> {log}"
+
+
+rule plot_breakdown:
+    input:
+        breakdown="results/e1_attention_ffn_breakdown.json",
+        code=CODE_PLOT_BREAKDOWN,
+    output:
+        "figures/e1_attention_ffn_breakdown.png",
+    log:
+        "logs/plot_breakdown.log",
+    shell:
+        "{E1} plot-breakdown --breakdown {input.breakdown} --out {output} 2> {log}"

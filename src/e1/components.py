@@ -1,0 +1,72 @@
+"""Named profiler ranges for MolmoE's components, installed by wrapping modules of a built model.
+
+Range names (record_function, so they appear in Kineto traces as user annotations):
+  e1.run:<k>                 one profiled run
+  e1.stage:<stage>[#<step>]  vision_encoder, projector, prefill, decode#1..N-1
+  e1.comp:<component>[@<layer>]
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from torch import nn
+from torch.profiler import record_function
+
+from e1.model.molmoe import MolmoE
+from e1.timing import COMP_RANGE as COMP
+from e1.timing import STAGE_RANGE as STAGE
+
+RUN = "e1.run:"
+
+# LLM components and how the breakdown figure groups them.
+GROUPS = {
+    "attention": "attention",  # q/k/v/o projections, QK-norm, RoPE, scaled dot-product, KV cache update
+    "moe_experts": "FFN / MoE experts",
+    "moe_router": "MoE router",
+    "norm": "other", "embedding": "other", "lm_head": "other", "sampling": "other", "other": "other",
+}
+
+
+def component_map(model: MolmoE) -> list[tuple[nn.Module, str]]:
+    """(module, range name) for every component the breakdown reports."""
+    vit, llm = model.vision.vit, model.llm
+    ranges: list[tuple[nn.Module, str]] = [(vit.embeddings, "vit_embed"), (vit.pre_layrnorm, "vit_norm")]
+    for i, layer in enumerate(vit.encoder.layers):
+        ranges += [(layer.self_attn, f"vit_attention@{i}"), (layer.mlp, f"vit_mlp@{i}"),
+                   (layer.layer_norm1, f"vit_norm@{i}"), (layer.layer_norm2, f"vit_norm@{i}")]
+    ranges += [(model.connector.pooling, "pooling"), (model.connector.projector, "projector_mlp"),
+               (llm.embed_tokens, "embedding"), (llm.rotary_emb, "attention"), (llm.norm, "norm"),
+               (model.lm_head, "lm_head")]
+    for i, layer in enumerate(llm.layers):
+        ranges += [(layer.self_attn, f"attention@{i}"), (layer.mlp.gate, f"moe_router@{i}"),
+                   (layer.mlp.experts, f"moe_experts@{i}"), (layer.input_layernorm, f"norm@{i}"),
+                   (layer.post_attention_layernorm, f"norm@{i}")]
+    return ranges
+
+
+def _ranged(fn: Callable, name: str) -> Callable:
+    def wrapper(*args, **kwargs):
+        with record_function(COMP + name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextmanager
+def component_ranges(model: MolmoE) -> Iterator[None]:
+    """Wrap each component's forward (and the embedding splice) in a named range; undo on exit."""
+    missing = object()
+    patched: list[tuple[object, str, object]] = []  # (object, attribute, instance value before)
+    try:
+        for obj, attr, name in [(m, "forward", n) for m, n in component_map(model)] + [(model, "embed_inputs", "embedding")]:
+            patched.append((obj, attr, obj.__dict__.get(attr, missing)))
+            setattr(obj, attr, _ranged(getattr(obj, attr), name))
+        yield
+    finally:
+        for obj, attr, before in reversed(patched):
+            if before is missing:
+                del obj.__dict__[attr]  # back to the class attribute
+            else:
+                obj.__dict__[attr] = before
