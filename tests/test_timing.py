@@ -16,26 +16,12 @@ import torch
 import e1.timing
 from e1.aggregate import SHARED, aggregate
 from e1.arch import load_arch
-from e1.inputs import make_prompt, synthetic_image
-from e1.measure import prepare, run_rows
-from e1.model.build import build_model
+from e1.measure import run_rows
 from e1.stats import summarize
 from e1.timing import CONVENTION, STAGES, Clock, RunTiming, timed_generate
 
 ARCH = load_arch("molmoe-1b-tiny")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model("molmoe-1b-tiny")
-
-
-@pytest.fixture(scope="module")
-def inp():
-    text_ids = make_prompt(ARCH, "short", 16, None, None)["text_ids"]
-    stage_inputs, _layout = prepare(ARCH, synthetic_image(336, 336), text_ids, CPU, torch.float32)
-    return stage_inputs
 
 
 @pytest.fixture(scope="module")

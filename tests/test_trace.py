@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,10 +18,10 @@ from torch.profiler import ProfilerActivity, profile
 from e1 import breakdown
 from e1.arch import load_arch
 from e1.breakdown import aggregate, parse, summarize
-from e1.components import COMP, RUN, STAGE, component_map, component_ranges
-from e1.inputs import make_prompt, synthetic_image, write_image, write_prompt
-from e1.measure import prepare
-from e1.model.build import build_model
+from e1.components import RUN, component_map, component_ranges
+from e1.timing import COMP_RANGE as COMP
+from e1.timing import STAGE_RANGE as STAGE
+from e1.inputs import make_prompt, write_image, write_prompt
 from e1.plots.breakdown import plot_breakdown
 from e1.profiling import profile_config
 from e1.timing import timed_generate
@@ -371,18 +370,6 @@ def test_load_events_json_and_gzip(tmp_path):
 
 # --- component ranges and annotated timing on the real tiny model -----------------------------------
 
-@pytest.fixture(scope="module")
-def model():
-    return build_model("molmoe-1b-tiny")
-
-
-@pytest.fixture(scope="module")
-def inp():
-    text_ids = make_prompt(ARCH, "short", 16, None, None)["text_ids"]
-    stage_inputs, _ = prepare(ARCH, synthetic_image(336, 336), text_ids, CPU, torch.float32)
-    return stage_inputs
-
-
 def _logits(model, inp):
     with torch.inference_mode():
         feats = model.encode_images(inp.crops)
@@ -588,7 +575,7 @@ def test_routing_table(profiled):
 # --- aggregate + figure ------------------------------------------------------------------------------
 
 def test_aggregate_and_plot(profiled, tmp_path):
-    d, paths, s1 = profiled["dir"], profiled["paths"], profiled["summary"]
+    _d, paths, s1 = profiled["dir"], profiled["paths"], profiled["summary"]
     # a second configuration: the same trace, re-parsed under another id / image
     prof2 = json.loads(paths["profile"].read_text()) | {"id": "t2", "image": "672x336"}
     (tmp_path / "profile2.json").write_text(json.dumps(prof2))
@@ -616,6 +603,12 @@ def test_aggregate_and_plot(profiled, tmp_path):
         "prefill": ev["prefill"] / 4.0, "decode_per_token": ev["decode_per_token"] / 1.25})
     assert c2["profiled_over_timed"] == pytest.approx({"vision_encoder": ev["vision_encoder"] / 1.0,
                                                        "prefill": ev["prefill"] / 8.0})
+    # idle against the timed (un-profiled) wall: 1 - busy / timed, floored at 0; absent where timed is 0
+    for stage, timed_ms in (("vision_encoder", 2.0), ("prefill", 4.0), ("decode_per_token", 1.25)):
+        e = c1["stages"][stage]
+        assert e["timed_wall_ms"] == timed_ms
+        assert e["idle_share_timed"] == pytest.approx(max(0.0, 1 - e["busy_ms"] / timed_ms))
+    assert "idle_share_timed" not in c2["stages"]["projector"]
     # the profiled-event decode time is per token: the mean over runs of the summed steps / steps
     runs = profiled["profile"]["profiled_runs"]
     assert ev["decode_per_token"] == pytest.approx(sum(sum(r["decode_steps_ms"]) for r in runs) / 2 / 3)

@@ -98,7 +98,7 @@ def aggregate(summaries: list[str | Path], measured: list[str | Path], out: str 
     configs = []
     for p in summaries:
         c = json.loads(Path(p).read_text())
-        meta = c.pop("meta")
+        c.pop("meta")
         t = timed.get(c["id"])
         if t is not None:
             ref = {s: t["stages"][s]["median_ms"] for s in ("vision_encoder", "projector", "prefill")}
@@ -106,6 +106,11 @@ def aggregate(summaries: list[str | Path], measured: list[str | Path], out: str 
                 ref["decode_per_token"] = t["decode_step"]["median_ms"]
             c["profiled_over_timed"] = {k: c["profiled_event_ms"][k] / v for k, v in ref.items()
                                         if k in c["profiled_event_ms"] and v > 0}
+            # the profiler slows the host, not the kernels: idle against the un-profiled timed wall
+            for k, v in ref.items():
+                if k in c["stages"] and v > 0:
+                    c["stages"][k]["timed_wall_ms"] = v
+                    c["stages"][k]["idle_share_timed"] = max(0.0, 1 - c["stages"][k]["busy_ms"] / v)
         configs.append(c)
     first = json.loads(Path(summaries[0]).read_text())["meta"]
     result = {"meta": {k: first[k] for k in ("model", "weights", "device", "device_type", "dtype",

@@ -16,7 +16,6 @@ from torch.profiler import record_function
 
 from e1.model.molmoe import MolmoE
 from e1.timing import COMP_RANGE as COMP
-from e1.timing import STAGE_RANGE as STAGE
 
 RUN = "e1.run:"
 

@@ -61,7 +61,9 @@ def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
         title += f"\n{meta['model']}: scaled-down stand-in, not MolmoE-1B timings"
     fig.suptitle(title, fontsize=12)
     axes[0].set_title(f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · "
-                      f"torch.profiler device time, per-token decode over the profiled steps", fontsize=8)
+                      f"torch.profiler device time, per-token decode over the profiled steps\n"
+                      f"wall and idle are measured under the profiler, which slows the host: the JSON also "
+                      f"gives idle against the un-profiled timed wall (idle_share_timed)", fontsize=8)
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=130)
