@@ -311,3 +311,13 @@ def test_aggregate_refuses_to_mix_setups(tmp_path, key, other):
 def test_aggregate_empty_raises(tmp_path):
     with pytest.raises(ValueError):
         aggregate([], tmp_path / "breakdown.json")
+
+
+def test_cuda_request_without_gpu_is_refused(monkeypatch):
+    """A job asked to measure on cuda never falls back to the CPU."""
+    from e1.measure import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="refusing to measure on the CPU"):
+        resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"

@@ -392,7 +392,7 @@ def test_component_ranges_restore_forwards(model, inp):
             inside = _logits(model, inp)
     names = {e.name for e in prof.events()}
     for n in ("e1.comp:attention@0", "e1.comp:moe_experts@1", "e1.comp:moe_router@0", "e1.comp:lm_head",
-              "e1.comp:vit_attention@3", "e1.comp:vit_mlp@0", "e1.comp:embedding", "e1.comp:projector_mlp",
+              "e1.comp:vit_attention@2", "e1.comp:vit_mlp@0", "e1.comp:embedding", "e1.comp:projector_mlp",
               "e1.comp:pooling"):
         assert n in names, n
     assert all("forward" not in m.__dict__ for m in mods) and "embed_inputs" not in model.__dict__

@@ -370,3 +370,20 @@ def test_schema_rejects_bad_config(empty_dir, name):
         assert t in out, f"{t!r} not in:\n{out[-3000:]}"
     assert "Building DAG of jobs" not in out  # failed while parsing, before planning any job
     assert not any((work / d).exists() for d in ("inputs", "results", "figures", "logs"))
+
+
+# --- planning for a GPU from a machine without one (cluster head node) --------------------------------
+
+def test_gpu_plan_on_a_cpu_machine(empty_dir):
+    """device: cuda on a GPU-less machine plans the full model's GPU jobs (it does not run them here)."""
+    work = empty_dir / "gpu-plan"
+    work.mkdir()
+    cfg = copy.deepcopy(TEST_CONFIG) | {"device": "cuda"}
+    path = write_config(work / "config.yaml", cfg)
+    rc, out, _ = snakemake(work, "-n", configfile=path)
+    assert rc == 0, out[-3000:]
+    counts = job_counts(out)
+    assert counts["measure"] == 8 and counts["profile"] == 8, out[-3000:]
+    assert "results/molmoe-1b_cuda_bfloat16/measure/" in out  # model auto -> molmoe-1b, dtype auto -> bf16
+    assert "molmoe-1b-tiny" not in out
+    assert out.count("gpu=1") >= 16  # every measure and profile job asks for one GPU

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from e1 import envinfo
@@ -51,6 +52,16 @@ def prepare(arch, image, text_ids: list[int], device: torch.device, dtype: torch
     if device.type == "cuda":
         torch.cuda.synchronize()
     return inp, pp.layout
+
+
+COLUMNS = {"config_id": pa.string(), "run": pa.int64(), "stage": pa.string(), "step": pa.int64(), "ms": pa.float64()}
+
+
+def write_rows(rows: list[tuple], path: str | Path) -> None:
+    """Per-run rows to Parquet with pyarrow (pandas is not imported in a measurement job: start-up cost)."""
+    cols = list(zip(*rows)) if rows else [[] for _ in COLUMNS]
+    table = pa.table({name: pa.array(col, type=t) for (name, t), col in zip(COLUMNS.items(), cols)})
+    pq.write_table(table, path)
 
 
 def run_rows(config_id: str, run: int, preprocess_ms: float, t: RunTiming) -> list[tuple]:
@@ -101,7 +112,9 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
             f"e2e {t.e2e_ms:.1f} ms (vision {t.stages_ms['vision_encoder']:.1f}, projector "
             f"{t.stages_ms['projector']:.1f}, prefill {t.stages_ms['prefill']:.1f}, decode {t.stages_ms['decode']:.1f})")
 
-    df = pd.DataFrame(rows, columns=["config_id", "run", "stage", "step", "ms"])
+    by_stage: dict[str, list[float]] = {}
+    for _cid, _run, stage, _step, ms in rows:
+        by_stage.setdefault(stage, []).append(ms)
     prefill_tokens = int(inp.input_ids.shape[1])
     summary = {
         "id": spec["id"],
@@ -112,8 +125,8 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
         "decode_tokens": n_new,
         "decode_steps": n_new - 1,
         "counts": {**layout.counts(), "prefill_tokens": prefill_tokens},
-        "stages": {s: summarize(df.loc[df.stage == s, "ms"]) for s in ("preprocess", *STAGES, "e2e", "unattributed")},
-        "decode_step": summarize(df.loc[df.stage == "decode_step", "ms"]) if n_new > 1 else None,
+        "stages": {s: summarize(by_stage[s]) for s in ("preprocess", *STAGES, "e2e", "unattributed")},
+        "decode_step": summarize(by_stage["decode_step"]) if n_new > 1 else None,
         "tokens_identical_across_runs": bool(all(torch.equal(tokens[0], x) for x in tokens)),
         "meta": {
             "model": arch.name,
@@ -136,7 +149,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
         summary["meta"]["env"]["gpu_after"] = envinfo.gpu_state(device.index or 0)
         summary["meta"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     Path(out_parquet).parent.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(out_parquet, index=False)
+    write_rows(rows, out_parquet)
     Path(out_json).write_text(json.dumps(summary, indent=1) + "\n")
     st = summary["stages"]
     log(f"{spec['id']}: e2e median {st['e2e']['median_ms']:.1f} ms; " + ", ".join(
