@@ -81,3 +81,41 @@ def test_describe_reports_stage_flops():
     # 13 crops x 577 tokens through the 0.29 B-parameter ViT outweigh 1221 tokens through 1.18 B active LLM
     # parameters: at 1008x784 the vision encoder has more FLOPs than the prefill (yet runs faster on the H200)
     assert f["vision_encoder"]["total"] > f["prefill"]["total"] > f["decode_first_step"]["total"]
+
+
+# --- bytes --------------------------------------------------------------------------------------------
+
+def test_weight_bytes_match_parameter_counts():
+    """Weights read per stage equal the parameters that stage uses (from the model on the meta device)."""
+    from e1 import traffic
+    from e1.describe import param_counts
+
+    arch = load_arch("molmoe-1b")
+    p = param_counts("molmoe-1b")
+    d, t = 2048, 1221
+    counts = {"vit_crops": 13, "pooled_features": 1872, "prefill_tokens": t}
+    by = traffic.stage_bytes(arch, counts, dtype_bytes=2)
+    assert by["vision_encoder"]["weights"] == 2 * p["vision_encoder"]
+    assert by["projector"]["weights"] == 2 * p["projector"]
+    # decode reads the active parameters plus one embedding row
+    assert by["decode_first_step"]["weights"] == 2 * (p["llm_active_per_token"] + d)
+    # every expert hit: all LLM parameters except the unused embedding rows
+    all_hit = traffic.stage_bytes(arch, counts, 2, experts_hit_per_layer=[64] * 16)
+    assert all_hit["prefill"]["weights"] == 2 * (p["llm"] - 50432 * d + t * d)
+    # KV cache: 16 layers x (K + V) x 2048 x 2 bytes per position
+    assert by["prefill"]["kv_cache"] == t * 16 * 2 * d * 2
+    assert by["decode_first_step"]["kv_cache"] == (t + 1) * 16 * 2 * d * 2
+    # 1221 tokens x top-8 of 64 experts: every expert is expected to be hit
+    assert traffic.expected_experts_hit(arch, t) == pytest.approx(64, rel=1e-6)
+    assert traffic.expected_experts_hit(arch, 1) == pytest.approx(8)
+
+
+def test_describe_reports_stage_bytes():
+    d = describe("molmoe-1b", "336x336", 16)
+    assert set(d["bytes"]) == set(d["flops"])
+    for stage in d["bytes"].values():
+        assert stage["total"] == stage["weights"] + stage["kv_cache"] + stage["activations"] > 0
+    # decode: ~2.36 GB of active weights per token, about 1 FLOP per byte -> memory-bound
+    step = d["bytes"]["decode_first_step"]
+    assert 2.3e9 < step["weights"] < 2.4e9
+    assert d["flops"]["decode_first_step"]["total"] / step["total"] < 2

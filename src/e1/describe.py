@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from e1 import flops
+from e1 import flops, traffic
 from e1.arch import load_arch
 from e1.preprocess import TEMPLATE_TOKENS, check_context, layout_for
 
@@ -50,9 +50,11 @@ def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1)
         "prefill_tokens": prefill,
         "decode_tokens": decode_tokens,
         "flops": flops.stage_flops(arch, counts),
+        "bytes": traffic.stage_bytes(arch, counts, dtype_bytes=2),
         "convention": "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps; "
         "text tokens = prompt + 4 template tokens (' User', ':', ' Assistant', ':'); prefill adds BOS; "
-        "flops: analytic, 2 per multiply-add, matrix products only (see e1.flops)",
+        "flops: analytic, 2 per multiply-add, matrix products only (see e1.flops); bytes: analytic minimum "
+        "device-memory traffic in bfloat16, uniform-routing expectation for prefill experts (see e1.traffic)",
     }
 
 
@@ -74,7 +76,8 @@ def render_table(d: dict[str, Any]) -> str:
         ("  projector", f"{p['projector'] / 1e6:.1f} M"),
         ("  llm", f"{p['llm'] / 1e9:.3f} B"),
         ("  llm active/token", f"{p['llm_active_per_token'] / 1e9:.3f} B (top-k experts + lm_head, no embedding)"),
-        *((f"GFLOPs {stage}", f"{f['total'] / 1e9:,.1f}") for stage, f in d["flops"].items()),
+        *((f"{stage}", f"{f['total'] / 1e9:,.1f} GFLOP, {d['bytes'][stage]['total'] / 1e9:,.2f} GB (bf16)")
+          for stage, f in d["flops"].items()),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)

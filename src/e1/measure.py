@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -98,6 +99,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     rows: list[tuple] = []
     tokens = []
     layout = None
+    gc.collect()  # once: runs pause the collector, they do not collect
     for run in range(-int(spec["warmup"]), int(spec["timed"])):
         t_pre = time.perf_counter()
         inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
