@@ -16,8 +16,7 @@ def _describe(a: argparse.Namespace) -> None:
 
 
 def _image(a: argparse.Namespace) -> None:
-    from e1.describe import parse_size
-    from e1.inputs import write_image
+    from e1.inputs import parse_size, write_image
 
     write_image(a.out, *parse_size(a.size), seed=a.seed)
 

@@ -6,18 +6,8 @@ from typing import Any
 
 from e1 import flops, traffic
 from e1.arch import load_arch
+from e1.inputs import parse_size
 from e1.preprocess import TEMPLATE_TOKENS, check_context, layout_for
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'1008x784' -> (1008, 784) as (width, height)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"image size {text!r}: expected WIDTHxHEIGHT, e.g. 1008x784") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"image size {text!r}: width and height must be positive")
-    return w, h
 
 
 def param_counts(model: str) -> dict[str, int]:

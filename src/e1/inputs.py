@@ -17,6 +17,17 @@ def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'1008x784' -> (1008, 784) as (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected WIDTHxHEIGHT, e.g. 1008x784") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image size {text!r}: width and height must be positive")
+    return w, h
+
+
 def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """Gradient sky, filled shapes and pixel noise: never constant, same bytes for the same arguments."""
     rng = np.random.default_rng(_seed("image", width, height, seed))

@@ -49,7 +49,7 @@ def code(*names):
 
 
 # The CLI (cli.py) only dispatches to these modules and is left out on purpose: editing it reruns nothing.
-CODE_IMAGE = code("inputs.py", "describe.py")
+CODE_IMAGE = code("inputs.py")
 CODE_PROMPT = code("inputs.py", "arch.py", f"archs/{MODEL}.json")
 CODE_MEASURE = code(
     "measure.py", "timing.py", "stats.py", "envinfo.py", "preprocess.py", "arch.py", f"archs/{MODEL}.json",
@@ -57,6 +57,9 @@ CODE_MEASURE = code(
 )
 CODE_AGGREGATE = code("aggregate.py")
 CODE_PLOT_STACK = code("plots/stack.py")
+CODE_PROFILE = CODE_MEASURE + code("profiling.py", "components.py")
+CODE_PARSE = code("trace.py", "breakdown.py", "components.py")
+CODE_PLOT_BREAKDOWN = code("plots/breakdown.py")
 
 
 def measure_path(ext):
@@ -86,11 +89,6 @@ def measure_spec(wildcards):
         "decode_tokens": int(wildcards.decode),
         "warmup": config["protocol"]["warmup"], "timed": config["protocol"]["timed"],
     }, sort_keys=True)
-
-
-CODE_PROFILE = CODE_MEASURE + code("profiling.py", "components.py")
-CODE_PARSE = code("trace.py", "breakdown.py", "components.py")
-CODE_PLOT_BREAKDOWN = code("plots/breakdown.py")
 
 
 def profile_path(name):
