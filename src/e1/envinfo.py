@@ -75,5 +75,6 @@ def capture(device: torch.device) -> dict[str, Any]:
             other_gpu_processes=gpu_processes(index),
         )
     else:
-        info["device_name"] = f"CPU ({info['cpu']}, {info['cpu_threads']} threads)"
+        n = info["cpu_threads"]
+        info["device_name"] = f"CPU ({info['cpu']}, {n} thread{'s' if n != 1 else ''})"
     return info
