@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -126,11 +125,3 @@ def load_weights(model: MolmoE, directory: str | Path) -> None:
         raise ValueError(f"checkpoint {str(directory)!r} does not match {model.arch.name}: " + "; ".join(parts))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
-
-def timed_build(**kwargs) -> tuple[MolmoE, float]:
-    """build_model plus the wall seconds it took (device synchronised)."""
-    t0 = time.perf_counter()
-    model = build_model(**kwargs)
-    if kwargs.get("device", "cpu").startswith("cuda"):
-        torch.cuda.synchronize()
-    return model, time.perf_counter() - t0
