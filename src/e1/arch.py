@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -32,6 +32,23 @@ class Arch:
     def feature_dim(self) -> int:
         """Width of the concatenated multi-layer ViT features (2 x 1024 for MolmoE-1B)."""
         return self.vision["hidden_size"] * len(self.vision["feature_layers"])
+
+    def with_knobs(self, moe_top_k: int | None = None, max_crops: int | None = None) -> Arch:
+        """This architecture with run-time knobs changed (None keeps the shipped value).
+
+        moe_top_k: experts per token (1..num_experts); max_crops: image tiles allowed (>= 1).
+        """
+        arch = self
+        if moe_top_k is not None:
+            n = self.llm["num_experts"]
+            if not isinstance(moe_top_k, int) or not 1 <= moe_top_k <= n:
+                raise ValueError(f"moe_top_k {moe_top_k!r}; allowed: an integer from 1 to {n} (num_experts)")
+            arch = replace(arch, llm={**arch.llm, "top_k": moe_top_k})
+        if max_crops is not None:
+            if not isinstance(max_crops, int) or max_crops < 1:
+                raise ValueError(f"max_crops {max_crops!r}; allowed: an integer >= 1")
+            arch = replace(arch, preprocess={**arch.preprocess, "max_crops": max_crops})
+        return arch
 
 
 def known_models() -> list[str]:
