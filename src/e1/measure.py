@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import torch
 
 from e1 import envinfo
-from e1.arch import load_arch
+from e1.arch import Arch, load_arch
 from e1.model.build import build_model
+from e1.model.graph_decode import DECODE_BACKENDS, StaticDecoder, check_graph_support
+from e1.model.molmoe import MolmoE
 from e1.preprocess import build_input_ids, check_context, load_image, preprocess
 from e1.stats import summarize
 from e1.timing import CONVENTION, STAGES, RunTiming, StageInputs, timed_generate
@@ -37,6 +39,46 @@ def resolve_device(name: str) -> torch.device:
             "(is this a GPU node? CUDA_VISIBLE_DEVICES?); refusing to measure on the CPU instead"
         )
     return device
+
+
+def resolve_knobs(spec: dict[str, Any]) -> tuple[Arch, dict[str, Any]]:
+    """The configuration's architecture (top-k, max_crops applied) and its knobs, every one spelled out."""
+    arch = load_arch(spec["model"]).with_knobs(moe_top_k=spec.get("moe_top_k"), max_crops=spec.get("max_crops"))
+    backend = spec.get("decode_backend", "eager")
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode_backend {backend!r}; allowed: {', '.join(DECODE_BACKENDS)}")
+    return arch, {
+        "attn_implementation": spec.get("attn_implementation", "sdpa"),
+        "experts_implementation": spec.get("experts_implementation", "grouped_mm"),
+        "decode_backend": backend,
+        "moe_top_k": arch.llm["top_k"],
+        "max_crops": arch.preprocess["max_crops"],
+    }
+
+
+def build_for(spec: dict[str, Any], arch: Arch, knobs: dict[str, Any], device: torch.device) -> MolmoE:
+    return build_model(arch, device=str(device), dtype=spec["dtype"], weights=spec["weights"], seed=spec["seed"],
+                       attn_implementation=knobs["attn_implementation"],
+                       experts_implementation=knobs["experts_implementation"])
+
+
+def graph_decoder(model: MolmoE, inp: StageInputs, new_tokens: int) -> tuple[StaticDecoder, float]:
+    """A decoder whose step is captured once for this configuration; returns it and the capture seconds."""
+    dec = StaticDecoder(model, max_len=inp.input_ids.shape[1] + max(new_tokens, 4))  # capture warm-up: 3 steps
+    timed_generate(model, inp, 2, decoder=dec)  # a started state (and one eager static step)
+    return dec, dec.capture()
+
+
+def compare_tokens(graph: torch.Tensor, model: MolmoE, inp: StageInputs, new_tokens: int) -> dict[str, Any]:
+    """The guard for cuda_graph: its tokens against eager decoding (and, on a mismatch, the uncaptured step)."""
+    eager = timed_generate(model, inp, new_tokens).tokens.cpu()
+    diff = (eager != graph).nonzero()
+    out = {"compared_tokens": new_tokens, "equal": not len(diff), "first_mismatch": int(diff[0]) if len(diff) else None}
+    if len(diff):  # capture bug, or only the static cache's numerics? the uncaptured static step tells
+        dec = StaticDecoder(model, max_len=inp.input_ids.shape[1] + new_tokens)
+        out["uncaptured_static_equal_graph"] = bool(torch.equal(
+            timed_generate(model, inp, new_tokens, decoder=dec).tokens.cpu(), graph))
+    return out
 
 
 def prepare(arch, image, text_ids: list[int], device: torch.device, dtype: torch.dtype) -> tuple[StageInputs, Any]:
@@ -77,16 +119,17 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
         raise ValueError(f"measure spec lacks {missing}")
-    arch = load_arch(spec["model"])
+    arch, knobs = resolve_knobs(spec)
     device = resolve_device(spec["device"])
+    if knobs["decode_backend"] == "cuda_graph":
+        check_graph_support(device.type, knobs["attn_implementation"], knobs["experts_implementation"])
     env = envinfo.capture(device)
     if env.get("other_gpu_processes"):
         log(f"WARNING: other processes on this GPU may perturb timings: {env['other_gpu_processes']}")
-    log(f"{spec['id']}: building {arch.name} ({spec['weights']} weights, {spec['dtype']}) on {env['device_name']}")
+    log(f"{spec['id']}: building {arch.name} ({spec['weights']} weights, {spec['dtype']}) on {env['device_name']}; "
+        f"knobs {knobs}")
     t0 = time.perf_counter()
-    model = build_model(arch, device=str(device), dtype=spec["dtype"], weights=spec["weights"], seed=spec["seed"],
-                        attn_implementation=spec.get("attn_implementation", "sdpa"),
-                        experts_implementation=spec.get("experts_implementation", "grouped_mm"))
+    model = build_for(spec, arch, knobs, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
@@ -99,6 +142,10 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     rows: list[tuple] = []
     tokens = []
     layout = None
+    decoder, capture_s = None, None
+    if knobs["decode_backend"] == "cuda_graph" and n_new > 1:
+        decoder, capture_s = graph_decoder(model, prepare(arch, image, prompt["text_ids"], device, dtype)[0], n_new)
+        log(f"decode step captured in a CUDA graph in {capture_s:.2f} s (static cache of {decoder.kv.max_len} slots)")
     gc.collect()  # once: runs pause the collector, they do not collect
     for run in range(-int(spec["warmup"]), int(spec["timed"])):
         t_pre = time.perf_counter()
@@ -106,7 +153,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
         pre_ms = (time.perf_counter() - t_pre) * 1e3
         if run == -int(spec["warmup"]):
             check_context(arch, inp.input_ids.shape[1], n_new)
-        t = timed_generate(model, inp, n_new)
+        t = timed_generate(model, inp, n_new, decoder=decoder)
         if run >= 0:
             rows += run_rows(spec["id"], run, pre_ms, t)
             tokens.append(t.tokens.cpu())
@@ -120,6 +167,8 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     prefill_tokens = int(inp.input_ids.shape[1])
     summary = {
         "id": spec["id"],
+        "variant": spec.get("variant"),
+        "knobs": knobs,
         "image": spec["image"],
         "prompt": spec["prompt"],
         "prompt_tokens": prompt["prompt_tokens"],
@@ -130,6 +179,8 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
         "stages": {s: summarize(by_stage[s]) for s in ("preprocess", *STAGES, "e2e", "unattributed")},
         "decode_step": summarize(by_stage["decode_step"]) if n_new > 1 else None,
         "tokens_identical_across_runs": bool(all(torch.equal(tokens[0], x) for x in tokens)),
+        "graph_capture_s": capture_s,
+        "tokens_vs_eager_decode": compare_tokens(tokens[0], model, inp, n_new) if decoder is not None else None,
         "meta": {
             "model": arch.name,
             "weights": spec["weights"],
@@ -137,8 +188,6 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
             "device": env["device_name"],
             "device_type": device.type,
             "dtype": str(dtype).removeprefix("torch."),
-            "attn_implementation": spec.get("attn_implementation", "sdpa"),
-            "experts_implementation": spec.get("experts_implementation", "grouped_mm"),
             "torch": env["torch"],
             "transformers": env["transformers"],
             "convention": CONVENTION,
