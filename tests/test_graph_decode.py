@@ -10,6 +10,7 @@ import torch
 
 from e1.arch import load_arch
 from e1.model.build import build_model
+from e1.measure import teacher_forced
 from e1.model.graph_decode import StaticDecoder, check_graph_support
 from e1.timing import timed_generate
 
@@ -50,11 +51,20 @@ def test_graph_support_errors_name_the_setting(device, attn, experts, bad):
         check_graph_support(device, attn, experts)
 
 
+def test_teacher_forced_check_agrees_on_cpu(model, inp):
+    dec = StaticDecoder(model, max_len=inp.input_ids.shape[1] + 12)
+    tf = teacher_forced(model, inp, 12, dec)
+    assert tf["steps"] == 11 and tf["argmax_agree"] == 11 and tf["disagreements"] == []
+    assert tf["max_abs_logit_diff"] < 1e-4  # float32, same ops up to the masked static attention
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU; this machine has none")
-def test_cuda_graph_same_tokens_as_eager_on_gpu(inp):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cuda_graph_same_tokens_as_eager_on_gpu(inp, dtype):
     dev = torch.device("cuda")
-    m = build_model("molmoe-1b-tiny", device="cuda")
-    gpu_inp = type(inp)(**{k: v.to(dev) for k, v in vars(inp).items()})
+    m = build_model("molmoe-1b-tiny", device="cuda", dtype=dtype)
+    gpu_inp = type(inp)(**{k: v.to(dev) if v.dtype == torch.long else v.to(dev, m.lm_head.weight.dtype)
+                           for k, v in vars(inp).items()})
     eager = timed_generate(m, gpu_inp, NEW)
     dec = StaticDecoder(m, max_len=gpu_inp.input_ids.shape[1] + NEW)
     timed_generate(m, gpu_inp, 2, decoder=dec)  # a started state to capture from

@@ -76,6 +76,7 @@ class StaticDecoder:
         self.kv = StaticKV(cfg.num_hidden_layers, cfg.num_attention_heads,
                            cfg.hidden_size // cfg.num_attention_heads, max_len, p.device, p.dtype)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=p.device)  # (1, 1) input and output
+        self.logits = torch.zeros((1, model.lm_head.out_features), dtype=p.dtype, device=p.device)  # (1, vocab)
         self.slots = torch.arange(max_len, device=p.device)  # (max_len,)
         self.masked = torch.finfo(p.dtype).min
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -94,8 +95,8 @@ class StaticDecoder:
         for layer in llm.layers:
             x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
                       **{_CACHE_KW: self.kv})
-        logits = self.model.lm_head(llm.norm(x)[:, -1])  # (1, vocab)
-        self.token.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.logits.copy_(self.model.lm_head(llm.norm(x)[:, -1]))  # (1, vocab)
+        self.token.copy_(self.logits.argmax(dim=-1, keepdim=True))
         self.kv.pos.add_(1)
 
     @torch.inference_mode()
