@@ -77,6 +77,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
         raise ValueError(f"measure spec lacks {missing}")
+    wall = {"start": time.time()}  # wall-clock (time.time()) marks: which jobs overlapped, afterwards
     arch = load_arch(spec["model"])
     device = resolve_device(spec["device"])
     env = envinfo.capture(device)
@@ -100,6 +101,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     tokens = []
     layout = None
     gc.collect()  # once: runs pause the collector, they do not collect
+    wall["runs_start"] = time.time()
     for run in range(-int(spec["warmup"]), int(spec["timed"])):
         t_pre = time.perf_counter()
         inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
@@ -114,6 +116,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
             f"e2e {t.e2e_ms:.1f} ms (vision {t.stages_ms['vision_encoder']:.1f}, projector "
             f"{t.stages_ms['projector']:.1f}, prefill {t.stages_ms['prefill']:.1f}, decode {t.stages_ms['decode']:.1f})")
 
+    wall["runs_end"] = time.time()
     by_stage: dict[str, list[float]] = {}
     for _cid, _run, stage, _step, ms in rows:
         by_stage.setdefault(stage, []).append(ms)
@@ -150,6 +153,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     if device.type == "cuda":
         summary["meta"]["env"]["gpu_after"] = envinfo.gpu_state(device.index or 0)
         summary["meta"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    summary["meta"]["wall_clock"] = {**wall, "end": time.time()}
     Path(out_parquet).parent.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out_parquet)
     Path(out_json).write_text(json.dumps(summary, indent=1) + "\n")
