@@ -111,6 +111,10 @@ def render(r: dict[str, Any]) -> str:
                          f"{w['runs_end']:.1f} s, end {w['end']:.1f} s")
         for a, b, ov in m["runs_overlap_s"]:
             lines.append(f"  runs of {a} and {b} overlap {ov:.1f} s")
+            if mode == "concurrent" and ov == 0:
+                lines.append("  WARNING: these jobs did not run at the same time: no concurrency was measured")
+            if mode == "alone" and ov > 0:
+                lines.append("  WARNING: these jobs overlapped: the 'alone' baseline is not alone")
     lines.append("== median ms: alone -> concurrent (ratio)")
     for k, ratios in r["median_ratio_concurrent_over_alone"].items():
         alone = {j["id"]: j for j in r["alone"]["jobs"]}[k]["median_ms"]
