@@ -142,6 +142,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
         raise ValueError(f"measure spec lacks {missing}")
+    wall = {"start": time.time()}  # wall-clock (time.time()) marks: which jobs overlapped, afterwards
     arch, knobs = resolve_knobs(spec)
     device = resolve_device(spec["device"])
     if knobs["decode_backend"] == "cuda_graph":
@@ -170,6 +171,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
         decoder, capture_s = graph_decoder(model, prepare(arch, image, prompt["text_ids"], device, dtype)[0], n_new)
         log(f"decode step captured in a CUDA graph in {capture_s:.2f} s (static cache of {decoder.kv.max_len} slots)")
     gc.collect()  # once: runs pause the collector, they do not collect
+    wall["runs_start"] = time.time()
     for run in range(-int(spec["warmup"]), int(spec["timed"])):
         t_pre = time.perf_counter()
         inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
@@ -184,6 +186,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
             f"e2e {t.e2e_ms:.1f} ms (vision {t.stages_ms['vision_encoder']:.1f}, projector "
             f"{t.stages_ms['projector']:.1f}, prefill {t.stages_ms['prefill']:.1f}, decode {t.stages_ms['decode']:.1f})")
 
+    wall["runs_end"] = time.time()
     by_stage: dict[str, list[float]] = {}
     for _cid, _run, stage, _step, ms in rows:
         by_stage.setdefault(stage, []).append(ms)
@@ -222,6 +225,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     if device.type == "cuda":
         summary["meta"]["env"]["gpu_after"] = envinfo.gpu_state(device.index or 0)
         summary["meta"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    summary["meta"]["wall_clock"] = {**wall, "end": time.time()}
     Path(out_parquet).parent.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out_parquet)
     Path(out_json).write_text(json.dumps(summary, indent=1) + "\n")
