@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/e1-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
-IDS=${MULTIGPU_IDS:-"336x336__short__n64 336x336__medium__n64"}  # similar lengths: their runs overlap fully
+IDS=${MULTIGPU_IDS:-"336x336__short__n64__sdpa.grouped_mm.eager.k8.c12 336x336__medium__n64__sdpa.grouped_mm.eager.k8.c12"}  # similar lengths: their runs overlap fully
 WORK=${MULTIGPU_WORK:-/tmp/e1-multigpu}
 rm -rf "$WORK" && mkdir -p "$WORK/concurrent" "$WORK/alone"
 nvidia-smi --query-gpu=index,uuid,pci.bus_id,name --format=csv | tee "$OUT/gpus.csv"
@@ -24,7 +24,7 @@ run() {  # run MODE GPUS [ARGS]: the measure jobs of $IDS in $WORK/MODE with --r
   run_dir=${E1_RUN:-molmoe-1b_cuda_bfloat16}
   for id in $IDS; do
     targets+=("results/$run_dir/measure/$id.json")
-    IFS=_ read -r image prompt _ <<< "${id//__/_}"  # IMAGE__PROMPT__nN (no "_" inside a part)
+    IFS=_ read -r image prompt _ <<< "${id//__/_}"  # IMAGE__PROMPT__nN__VARIANT: the first two parts
     inputs+=("inputs/images/$image.png" "inputs/prompts/$prompt.json")
   done
   # inputs first, so that the measure jobs become ready at the same moment

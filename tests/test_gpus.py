@@ -232,7 +232,8 @@ def test_no_nvidia_smi_and_no_visible_devices_is_named():
 # time; `--set-threads measure=1` lets two run at once on 2 cores ("concurrent"), the default keeps them
 # apart ("alone"). E1_GPU_CLAIM_ON_CPU=1 makes the CPU jobs claim one of the fake ids 3 and 5.
 
-MEASURED = [f"results/molmoe-1b-tiny_cpu_float32/measure/336x336__short__n{n}.json" for n in (2, 3)]
+VARIANT = "sdpa.grouped_mm.eager.k2.c12"  # the tiny model's defaults
+MEASURED = [f"results/molmoe-1b-tiny_cpu_float32/measure/336x336__short__n{n}__{VARIANT}.json" for n in (2, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +299,7 @@ def test_compare_script_reports_claims_overlap_and_medians(two_runs, tmp_path):
         a = {j["id"]: j for j in alone["jobs"]}[cid]["median_ms"]["e2e"]
         assert ratios["e2e"] == pytest.approx(c / a)
     assert "== concurrent: 2 jobs, distinct GPUs: True" in p.stdout
-    assert "runs of 336x336__short__n2 and 336x336__short__n3 overlap" in p.stdout
+    assert f"runs of 336x336__short__n2__{VARIANT} and 336x336__short__n3__{VARIANT} overlap" in p.stdout
 
 
 def test_compare_script_reads_the_sampling_log(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from e1.arch import load_arch
 from e1.model.build import build_model
-from e1.measure import teacher_forced
+from e1.measure import compare_with_eager
 from e1.model.graph_decode import StaticDecoder, check_graph_support
 from e1.timing import timed_generate
 
@@ -45,24 +45,28 @@ def test_static_cache_too_small_is_an_error(model, inp):
     ("cpu", "sdpa", "grouped_mm", "needs a CUDA device"),
     ("cuda", "flash_attention_2", "grouped_mm", "attn_implementation 'flash_attention_2'"),
     ("cuda", "sdpa", "eager", "experts_implementation 'eager'"),
+    ("cuda", "sdpa", "grouped_mm", "grouped_mm experts in float32"),
 ])
 def test_graph_support_errors_name_the_setting(device, attn, experts, bad):
     with pytest.raises(ValueError, match=bad):
-        check_graph_support(device, attn, experts)
+        check_graph_support(device, attn, experts, torch.float32)
 
 
-def test_teacher_forced_check_agrees_on_cpu(model, inp):
+def test_eager_comparison_agrees_on_cpu(model, inp):
     dec = StaticDecoder(model, max_len=inp.input_ids.shape[1] + 12)
-    tf = teacher_forced(model, inp, 12, dec)
+    out = compare_with_eager(timed_generate(model, inp, 12).tokens, model, inp, 12, dec)
+    assert out["equal"] and out["first_mismatch"] is None and out["compared_tokens"] == 12
+    tf = out["teacher_forced"]
     assert tf["steps"] == 11 and tf["argmax_agree"] == 11 and tf["disagreements"] == []
     assert tf["max_abs_logit_diff"] < 1e-4  # float32, same ops up to the masked static attention
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU; this machine has none")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_cuda_graph_same_tokens_as_eager_on_gpu(inp, dtype):
+@pytest.mark.parametrize("dtype,experts", [("bfloat16", "grouped_mm"), ("bfloat16", "batched_mm"),
+                                           ("float32", "batched_mm")])
+def test_cuda_graph_same_tokens_as_eager_on_gpu(inp, dtype, experts):
     dev = torch.device("cuda")
-    m = build_model("molmoe-1b-tiny", device="cuda", dtype=dtype)
+    m = build_model("molmoe-1b-tiny", device="cuda", dtype=dtype, experts_implementation=experts)
     gpu_inp = type(inp)(**{k: v.to(dev) if v.dtype == torch.long else v.to(dev, m.lm_head.weight.dtype)
                            for k, v in vars(inp).items()})
     eager = timed_generate(m, gpu_inp, NEW)

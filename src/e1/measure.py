@@ -15,7 +15,7 @@ import torch
 
 from e1 import envinfo
 from e1.arch import Arch, load_arch
-from e1.model.build import build_model
+from e1.model.build import build_model, resolve_dtype
 from e1.model.graph_decode import DECODE_BACKENDS, StaticDecoder, check_graph_support
 from e1.model.molmoe import MolmoE
 from e1.preprocess import build_input_ids, check_context, load_image, preprocess
@@ -70,38 +70,37 @@ def graph_decoder(model: MolmoE, inp: StageInputs, new_tokens: int) -> tuple[Sta
 
 
 @torch.inference_mode()
-def teacher_forced(model: MolmoE, inp: StageInputs, new_tokens: int, dec: StaticDecoder) -> dict[str, Any]:
-    """Eager decoding drives; at every step the static decoder gets the same token and cache contents.
+def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInputs, new_tokens: int,
+                       dec: StaticDecoder) -> dict[str, Any]:
+    """The guard for cuda_graph, in one eager decoding pass that also feeds the static decoder.
 
-    Per step: does its argmax agree, how far apart are the logits, and (where the argmax differs) how
-    close eager's top two logits were -- a near-tie flipped by rounding, or a real fault.
+    Free-running: the graph's tokens (a timed run) against eager decoding's. Teacher-forced: at every step
+    the static decoder gets eager's token and cache contents; does its argmax agree, how far apart are the
+    logits, and where the argmax differs, how close eager's top two logits were (a near-tie flipped by
+    rounding, or a real fault).
     """
     logits, cache = model.prefill(inp.input_ids, model.project(model.encode_images(inp.crops), inp.patch_masks),
                                   inp.feature_index, inp.token_position)
-    token = logits.argmax(dim=-1, keepdim=True)
+    token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
     dec.start(cache, token)
-    agree, max_diff, flips = 0, 0.0, []
+    eager, agree, max_diff, flips = [token], 0, 0.0, []
     for step in range(1, new_tokens):
         dec.token.copy_(token)
         dec.step()
         logits, cache = model.decode_step(token, cache)
         token = logits.argmax(dim=-1, keepdim=True)
+        eager.append(token)
         max_diff = max(max_diff, float((logits.float() - dec.logits.float()).abs().max()))
         if torch.equal(dec.token, token):
             agree += 1
         else:
             top2 = logits.float().topk(2).values[0]
             flips.append({"step": step, "eager_top2_margin": float(top2[0] - top2[1])})
-    return {"steps": new_tokens - 1, "argmax_agree": agree, "max_abs_logit_diff": max_diff, "disagreements": flips}
-
-
-def compare_tokens(graph: torch.Tensor, model: MolmoE, inp: StageInputs, new_tokens: int,
-                   dec: StaticDecoder) -> dict[str, Any]:
-    """The guard for cuda_graph: free-running tokens against eager decoding, and a teacher-forced check."""
-    eager = timed_generate(model, inp, new_tokens).tokens.cpu()
-    diff = (eager != graph).nonzero()
-    return {"compared_tokens": new_tokens, "equal": not len(diff), "first_mismatch": int(diff[0]) if len(diff) else None,
-            "teacher_forced": teacher_forced(model, inp, new_tokens, dec)}
+    diff = (torch.cat(eager, 1)[0].cpu() != graph_tokens).nonzero()
+    return {"compared_tokens": new_tokens, "equal": not len(diff),
+            "first_mismatch": int(diff[0]) if len(diff) else None,
+            "teacher_forced": {"steps": new_tokens - 1, "argmax_agree": agree, "max_abs_logit_diff": max_diff,
+                               "disagreements": flips}}
 
 
 def prepare(arch, image, text_ids: list[int], device: torch.device, dtype: torch.dtype) -> tuple[StageInputs, Any]:
@@ -146,7 +145,8 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     arch, knobs = resolve_knobs(spec)
     device = resolve_device(spec["device"])
     if knobs["decode_backend"] == "cuda_graph":
-        check_graph_support(device.type, knobs["attn_implementation"], knobs["experts_implementation"])
+        check_graph_support(device.type, knobs["attn_implementation"], knobs["experts_implementation"],
+                            resolve_dtype(spec["dtype"]))
     env = envinfo.capture(device)
     if env.get("other_gpu_processes"):
         log(f"WARNING: other processes on this GPU may perturb timings: {env['other_gpu_processes']}")
@@ -206,7 +206,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
         "decode_step": summarize(by_stage["decode_step"]) if n_new > 1 else None,
         "tokens_identical_across_runs": bool(all(torch.equal(tokens[0], x) for x in tokens)),
         "graph_capture_s": capture_s,
-        "tokens_vs_eager_decode": compare_tokens(tokens[0], model, inp, n_new, decoder) if decoder is not None else None,
+        "tokens_vs_eager_decode": compare_with_eager(tokens[0], model, inp, n_new, decoder) if decoder is not None else None,
         "meta": {
             "model": arch.name,
             "weights": spec["weights"],

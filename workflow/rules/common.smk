@@ -60,6 +60,9 @@ def variant_problem(knobs):
         if knobs["experts_implementation"] not in ("grouped_mm", "batched_mm"):
             return (f"decode_backend cuda_graph with experts_implementation {knobs['experts_implementation']!r};"
                     " allowed: grouped_mm, batched_mm")
+        if knobs["experts_implementation"] == "grouped_mm" and DTYPE != "bfloat16":
+            return (f"decode_backend cuda_graph with grouped_mm experts in {DTYPE} (grouped_mm copies its offsets"
+                    " to the host outside bfloat16); allowed: bfloat16, or batched_mm experts")
     return None
 
 
@@ -115,6 +118,7 @@ CODE_PROMPT = code("inputs.py", "arch.py", f"archs/{MODEL}.json")
 CODE_MEASURE = code(
     "measure.py", "timing.py", "stats.py", "envinfo.py", "preprocess.py", "arch.py", f"archs/{MODEL}.json",
     "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py", "model/graph_decode.py",
+    "gpus.py",
 )
 CODE_AGGREGATE = code("aggregate.py")
 CODE_PLOT_STACK = code("plots/stack.py")
