@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# Run the pipeline on the GPU machine: install the carried wheelhouse, run snakemake with the given
-# extra config files (merged over config.yaml), pack results/inputs/logs/figures into $OUT.
-# Usage (repo root, on the device): bash benchmarks/device_pipeline.sh [TARGET] [CONFIGFILE...]
+# Run the pipeline on the GPU machine: install the carried wheelhouse, run snakemake in its own working
+# directory with extra config files (merged over config.yaml) on GPUS GPUs (one job per GPU, e1.gpus),
+# then pack results/inputs/logs/figures into $OUT/NAME.tgz. Several can run at once (separate NAMEs):
+# their GPU jobs share the GPUs through the same claim locks.
+# Usage (repo root, on the device, .whl carried):
+#   bash benchmarks/device_pipeline.sh NAME GPUS "CONFIGFILE..." TARGET...
+# PIPELINE_TIMEOUT (s, default 540) bounds snakemake; whatever finished is packed either way.
 set -uo pipefail
 OUT=${OUT:-/tmp/e1-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+name=$1 gpus=$2 configs=$3
+shift 3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > /dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+  .whl/*.whl > /dev/null 2>&1  # a second run at the same moment may find the first one's files
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
-target=${1:-figures/e1_stage_stack_plot.png}
-shift || true
-cf=()
-for f in "$@"; do cf+=(--configfile "$f"); done
+work=/tmp/e1-$name
+mkdir -p "$work"
+cf=(--configfile "$PWD/config.yaml")
+for f in $configs; do cf+=("$PWD/$f"); done
 start=$(date +%s)
-python3 -m snakemake "$target" --cores 1 --keep-going "${cf[@]}" > "$OUT/snakemake.log" 2>&1
+# targets first: --configfile takes several values and would swallow targets placed after it
+timeout -s INT "${PIPELINE_TIMEOUT:-540}" python3 -m snakemake "$@" --snakefile "$PWD/Snakefile" --directory "$work" \
+  --cores $((2 * gpus)) --resources gpu="$gpus" --keep-going "${cf[@]}" > "$OUT/$name.log" 2>&1
 rc=$?
-echo "snakemake rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/snakemake.log"
-tail -5 "$OUT/snakemake.log"
-grep -h "e2e median" logs/*/measure/*.log
-tar czf "$OUT/pipeline.tgz" results inputs logs figures 2>/dev/null
+echo "$name: snakemake rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/$name.log"
+grep -h "e2e median" "$work"/logs/*/measure/*.log | sed "s/^/$name /"
+tar czf "$OUT/$name.tgz" -C "$work" results inputs logs figures 2>/dev/null
 exit $rc
