@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 
 def detect_device():
@@ -56,10 +57,10 @@ CODE_MEASURE = code(
     "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py",
 )
 CODE_AGGREGATE = code("aggregate.py")
-CODE_PLOT_STACK = code("plots/stack.py")
+CODE_PLOT_STACK = code("plots/stack.py", "plots/common.py")
 CODE_PROFILE = CODE_MEASURE + code("profiling.py", "components.py")
 CODE_PARSE = code("trace.py", "breakdown.py", "components.py")
-CODE_PLOT_BREAKDOWN = code("plots/breakdown.py")
+CODE_PLOT_BREAKDOWN = code("plots/breakdown.py", "plots/common.py")
 
 
 def measure_path(ext):
@@ -106,3 +107,35 @@ def profile_spec(wildcards):
                 max_decode_steps=config["profile"]["max_decode_steps"])
     del spec["timed"]
     return json.dumps(spec, sort_keys=True)
+
+
+# --- FLOPs, roofline, scaling, findings (workflow/rules/flops.smk) ------------------------------------
+CODE_CALIBRATE = code("calibrate.py", "measure.py", "envinfo.py", "model/build.py")
+CODE_FLOPCHECK = CODE_MEASURE + code("flopcheck.py", "flops.py")
+CODE_FLOPS_VS_LATENCY = code("flops_vs_latency.py", "flops.py", "traffic.py", "correlation.py", "arch.py",
+                             f"archs/{MODEL}.json")
+CODE_PLOT_FLOPS = code("plots/flops.py", "plots/common.py")
+CODE_PLOT_SCALING = code("plots/scaling.py", "plots/common.py")
+CODE_FINDINGS = code("findings.py")
+FIRST_PROMPT = next(iter(PROMPTS))  # the flop check runs once per image, with the first prompt
+
+
+def calibrate_params(wildcards):
+    """The calibration job's device and dtype (JSON)."""
+    return json.dumps({"device": DEVICE, "dtype": DTYPE}, sort_keys=True)
+
+
+def flopcheck_spec(wildcards):
+    """One dict per flop-check job (JSON): a measure job's model and inputs, without the timing protocol."""
+    spec = json.loads(measure_spec(types.SimpleNamespace(image=wildcards.image, prompt=wildcards.prompt, decode=1)))
+    for key in ("id", "decode_tokens", "warmup", "timed"):
+        del spec[key]
+    return json.dumps(spec, sort_keys=True)
+
+
+def all_flopchecks(wildcards):
+    return [f"results/{RUN}/flopcheck/{image}__{FIRST_PROMPT}.json" for image in config["images"]]
+
+
+def all_parquets(wildcards):
+    return [f"results/{RUN}/measure/{cid}.parquet" for cid in CONFIG_IDS]

@@ -11,11 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
 from e1.timing import STAGES  # noqa: E402
-
-COLORS = {"vision_encoder": "#4C72B0", "projector": "#DD8452", "prefill": "#55A868", "decode": "#C44E52"}
-LABELS = {"vision_encoder": "vision encoder", "projector": "projector", "prefill": "LLM prefill",
-          "decode": "LLM decode"}
 
 
 def subtitle(meta: dict) -> str:
@@ -73,13 +70,7 @@ def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
         ax_ms.annotate(f"{image}: {c0['counts']['vit_crops']} crops, {c0['counts']['pooled_features']} pooled, "
                        f"{c0['counts']['inserted_features']} in LLM", xy=(np.mean(xs), 1.0),
                        xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
-    title = "E1: where MolmoE inference time goes, by stage"
-    if meta["model"] != "molmoe-1b":
-        title += f" — {meta['model']}: scaled-down stand-in, not MolmoE-1B timings"
-    fig.suptitle(title, fontsize=13, y=0.995)
+    fig.suptitle(title_for("E1: where MolmoE inference time goes, by stage", meta["model"]), fontsize=13, y=0.995)
     ax_ms.set_title(subtitle(meta) + "\nN new tokens = 1 prefill + N−1 decode steps; image preprocessing (CPU) "
                     "not shown", fontsize=8, pad=16)
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=130)
-    plt.close(fig)
+    save(fig, out_png)
