@@ -312,29 +312,17 @@ def test_touch_plot_module_reruns_only_the_plot(wf, breakdown):
     assert job_counts(out) == {"plot_stack": 1, "all": 1}, out[-3000:]
 
 
-def test_touch_scaling_plot_reruns_only_that_plot(wf, breakdown):
+@pytest.mark.parametrize("module, jobs", [
+    ("plots/scaling.py", {"plot_scaling": 1}),
+    ("findings.py", {"findings": 1}),
+    ("flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
+])
+def test_touch_flops_modules_reruns_only_their_jobs(wf, breakdown, module, jobs):
     assert_package_unchanged(wf)
-    with bumped_mtime(REPO / "src/e1/plots/scaling.py"):
+    with bumped_mtime(REPO / "src/e1" / module):
         rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"plot_scaling": 1, "all": 1}, out[-3000:]
-
-
-def test_touch_flops_module_reruns_the_flop_checks_and_what_follows(wf, breakdown):
-    assert_package_unchanged(wf)
-    with bumped_mtime(REPO / "src/e1/flops.py"):
-        rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
-    assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1, "all": 1}, \
-        out[-3000:]
-
-
-def test_touch_findings_module_reruns_only_the_findings(wf, breakdown):
-    assert_package_unchanged(wf)
-    with bumped_mtime(REPO / "src/e1/findings.py"):
-        rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
-    assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"findings": 1, "all": 1}, out[-3000:]
+    assert job_counts(out) == {**jobs, "all": 1}, out[-3000:]
 
 
 def test_touch_timing_module_reruns_all_measurements(wf, breakdown):

@@ -41,6 +41,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _num(v: float | None) -> str:
+    return "undefined" if v is None else f"{v:.3f}"
+
+
 def _range(values: list[float]) -> str:
     return f"{_pct(min(values))}–{_pct(max(values))}" if values else "n/a"
 
@@ -117,9 +121,9 @@ def q4_flops(fl: dict[str, Any]) -> dict[str, Any]:
     bound = {s: sum(p["bound"] == "memory" for p in fl["points"] if p["stage"] == s) for s in eff}
     inv = fl["inversions"]
     text = (f"log-log least squares of median latency on analytic FLOPs over {f['n']} (configuration, stage) points: "
-            f"R² = {f['r2']:.3f}, Spearman ρ = {f['spearman_rho']:.3f}; on analytic bytes: R² = {b['r2']:.3f}, "
-            f"ρ = {b['spearman_rho']:.3f}; on roofline time: R² = {r['r2']:.3f}. Median efficiency (roofline time / "
-            "measured): " + ", ".join(f"{s} {_pct(v)}" for s, v in eff.items())
+            f"R² = {_num(f['r2'])}, Spearman ρ = {_num(f['spearman_rho'])}; on analytic bytes: R² = {_num(b['r2'])}, "
+            f"ρ = {_num(b['spearman_rho'])}; on roofline time: R² = {_num(r['r2'])}. Median efficiency (roofline "
+            "time / measured): " + ", ".join(f"{s} {_pct(v)}" for s, v in eff.items())
             + f". {len(inv)} stage pairs within a configuration run faster despite more FLOPs")
     if inv:
         i = inv[0]
