@@ -127,9 +127,9 @@ def q4_flops(fl: dict[str, Any]) -> dict[str, Any]:
             + f". {len(inv)} stage pairs within a configuration run faster despite more FLOPs")
     if inv:
         i = inv[0]
-        text += (f"; largest: {i['id']}, {i['more_flops']} {i['more_flops_gflop']:,.1f} GFLOP in "
-                 f"{i['more_flops_ms']:.2f} ms vs {i['less_flops']} {i['less_flops_gflop']:,.2f} GFLOP in "
-                 f"{i['less_flops_ms']:.2f} ms")
+        text += (f"; largest: {i['id']}, {i['more_flops']} {i['more_flops_gflop']:.4g} GFLOP in "
+                 f"{i['more_flops_ms']:.3g} ms vs {i['less_flops']} {i['less_flops_gflop']:.4g} GFLOP in "
+                 f"{i['less_flops_ms']:.3g} ms")
     spread = fl["equal_flops_spread"]
     if spread:
         top = max(spread, key=lambda x: x["ratio"] or 0)
@@ -190,7 +190,7 @@ def expected(configs: list[dict], components: list[dict], fl: dict[str, Any]) ->
                              f"(configuration, stage) points: holds if < {R2_WEAK}, does not hold if >= {R2_STRONG}, "
                              "mixed otherwise; the listed causes (memory access, utilisation, parallelism, caches) are "
                              "not tested one by one",
-                "fraction": None, "verdict": v, "evidence": q4_flops(fl)["text"]})
+                "fraction": None, "verdict": v, "evidence": q4_flops(fl)["text"].removesuffix(".")})
     return out
 
 

@@ -56,9 +56,9 @@ def _scatter(ax, points: list[dict], data: dict) -> None:
         pair = [p for p in points if p["id"] == inv["id"] and p["stage"] in (inv["more_flops"], inv["less_flops"])]
         ax.scatter([p["flops"] / 1e9 for p in pair], [p["measured_ms"] for p in pair], s=160, facecolor="none",
                    edgecolor="#8B0000", lw=1.2, zorder=4)
-        ax.text(0.02, 0.855, f"{inv['id']}: {LABELS[inv['more_flops']]} {inv['more_flops_gflop']:,.0f} GFLOP in "
-                f"{inv['more_flops_ms']:.1f} ms,\n{LABELS[inv['less_flops']]} {inv['less_flops_gflop']:,.1f} GFLOP "
-                f"in {inv['less_flops_ms']:.1f} ms: {inv['flops_ratio']:.0f}× the FLOPs, "
+        ax.text(0.02, 0.855, f"{inv['id']}: {LABELS[inv['more_flops']]} {inv['more_flops_gflop']:.4g} GFLOP in "
+                f"{inv['more_flops_ms']:.3g} ms,\n{LABELS[inv['less_flops']]} {inv['less_flops_gflop']:.4g} GFLOP "
+                f"in {inv['less_flops_ms']:.3g} ms: {inv['flops_ratio']:.0f}× the FLOPs, "
                 f"{inv['latency_ratio']:.0f}× less time (circled)",
                 transform=ax.transAxes, va="top", fontsize=8, color="#8B0000")
 

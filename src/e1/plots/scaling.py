@@ -70,7 +70,7 @@ def plot_scaling(breakdown_json: str | Path, parquets: list[str | Path], out_png
     steps = step_medians(parquets, dict(zip(rows.id, rows.prefill_tokens)))
     by_id = rows.set_index("id")
     for cid, g in steps.groupby("config_id"):
-        ax_s.plot(g.position, g.ms, "-", lw=0.8, alpha=0.6, color=colors[by_id.image[cid]])
+        ax_s.plot(g.position, g.ms, ".-", ms=3, lw=0.8, alpha=0.6, color=colors[by_id.image[cid]])
     for image in images:
         g = steps[steps.config_id.map(by_id.image) == image]
         s = slope(g.position, g.ms)
