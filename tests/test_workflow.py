@@ -5,8 +5,8 @@ Snakefile. A copied Snakefile would look for src/e1/*.py next to the copy (Missi
 tests run the repository's own Snakefile with `--directory <tmp>` and a small test config passed with
 `--configfile`: all outputs (inputs/, results/, figures/, logs/, .snakemake/) land in the tmp dir.
 
-One real run of the small grid (8 measurement jobs) takes about 2 minutes on 2 CPU cores; everything
-else is dry runs (about 1.5 s each). Module mtimes are bumped with os.utime and restored afterwards;
+One real run of the small grid (8 measurement and 8 profile jobs, 1 calibration, 2 flop checks, the
+FLOPs/scaling/findings outputs) took 258 s on 2 CPU cores shared with other work; everything else is dry runs (about 1.5 s each). Module mtimes are bumped with os.utime and restored afterwards;
 file contents in the repository are never changed (see MTIME_ONLY for how a bump stands for an edit).
 """
 
