@@ -439,6 +439,8 @@ def test_gpu_plan_on_a_cpu_machine(empty_dir):
     assert rc == 0, out[-3000:]
     counts = job_counts(out)
     assert counts["measure"] == 8 and counts["profile"] == 8, out[-3000:]
+    assert counts["calibrate"] == 1 and counts["flop_check"] == 2, out[-3000:]
+    assert "results/molmoe-1b_cuda_bfloat16/calibrate.json" in out
     assert "results/molmoe-1b_cuda_bfloat16/measure/" in out  # model auto -> molmoe-1b, dtype auto -> bf16
     assert "molmoe-1b-tiny" not in out
-    assert out.count("gpu=1") >= 16  # every measure and profile job asks for one GPU
+    assert out.count("gpu=1") == 19  # every measure, profile, calibrate and flop_check job asks for one GPU

@@ -77,6 +77,8 @@ def _calibrate(a: argparse.Namespace) -> None:
     from e1.calibrate import calibrate
 
     job = json.loads(a.job)
+    if set(job) != {"device", "dtype"}:
+        raise ValueError(f"calibrate job {job}: needs exactly the keys 'device' and 'dtype'")
     calibrate(job["device"], job["dtype"], a.out)
 
 
