@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, Callable
 
 STAGES = ("vision_encoder", "projector", "prefill", "decode")
 HOLDS, FAILS = 0.8, 0.2  # share of the regime's configurations in which the condition is true
@@ -92,17 +92,17 @@ def q2_components(components: list[dict]) -> dict[str, Any]:
     return result
 
 
+def mean_shares(configs: list[dict], key: Callable[[dict], Any]) -> dict[Any, dict[str, float]]:
+    """Mean stage shares per value of key(config), in key order."""
+    groups: dict[Any, list[dict]] = {}
+    for c in configs:
+        groups.setdefault(key(c), []).append(shares(c))
+    return {k: {s: sum(x[s] for x in v) / len(v) for s in STAGES} for k, v in sorted(groups.items())}
+
+
 def q3_regimes(configs: list[dict]) -> dict[str, Any]:
-    def mean_shares(key: str) -> dict[Any, dict[str, float]]:
-        groups: dict[Any, list[dict]] = {}
-        for c in configs:
-            groups.setdefault(key_of(c, key), []).append(shares(c))
-        return {k: {s: sum(x[s] for x in v) / len(v) for s in STAGES} for k, v in sorted(groups.items())}
-
-    def key_of(c: dict, key: str) -> Any:
-        return c["counts"]["vit_crops"] if key == "crops" else c[key]
-
-    by_crops, by_n = mean_shares("crops"), mean_shares("decode_tokens")
+    by_crops = mean_shares(configs, lambda c: c["counts"]["vit_crops"])
+    by_n = mean_shares(configs, lambda c: c["decode_tokens"])
     regimes = {f"{c['image']} / N={c['decode_tokens']}": dominant(c) for c in configs}
     text = ("mean share of prefill by ViT crops: " + ", ".join(f"{k} crops {_pct(v['prefill'])}" for k, v in
                                                                 by_crops.items())
@@ -116,8 +116,9 @@ def q3_regimes(configs: list[dict]) -> dict[str, Any]:
 
 def q4_flops(fl: dict[str, Any]) -> dict[str, Any]:
     f, b, r = fl["fits"]["flops"], fl["fits"]["bytes"], fl["fits"]["roofline"]
-    eff = {s: median([p["efficiency"] for p in fl["points"] if p["stage"] == s and p["efficiency"] is not None])
-           for s in STAGES if any(p["stage"] == s for p in fl["points"])}
+    eff_by = {s: [p["efficiency"] for p in fl["points"] if p["stage"] == s and p["efficiency"] is not None]
+              for s in STAGES}
+    eff = {s: median(v) for s, v in eff_by.items() if v}
     bound = {s: sum(p["bound"] == "memory" for p in fl["points"] if p["stage"] == s) for s in eff}
     inv = fl["inversions"]
     text = (f"log-log least squares of median latency on analytic FLOPs over {f['n']} (configuration, stage) points: "
