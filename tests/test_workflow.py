@@ -54,7 +54,8 @@ TEST_CONFIG = {
     "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
     "profile": {"warmup": 1, "runs": 2, "max_decode_steps": 3},
 }
-CONFIG_IDS = [f"{i}__{p}__n{n}" for i in TEST_CONFIG["images"] for p in TEST_CONFIG["prompts"]
+VARIANT = "sdpa.grouped_mm.eager.k2.c12"  # the defaults spelled out (tiny model: top-2 of 8 experts)
+CONFIG_IDS = [f"{i}__{p}__n{n}__{VARIANT}" for i in TEST_CONFIG["images"] for p in TEST_CONFIG["prompts"]
               for n in TEST_CONFIG["decode_tokens"]]
 STAGE_KEYS = ("vision_encoder", "projector", "prefill", "decode", "e2e", "unattributed")
 STAT_KEYS = ("mean_ms", "median_ms", "p95_ms", "p99_ms", "std_ms", "n")
@@ -98,8 +99,8 @@ def job_counts(output: str) -> dict[str, int]:
 def measure_wildcards(output: str) -> list[str]:
     """Config ids of the measure jobs a dry run lists."""
     blocks = re.split(r"\n(?=\S*rule \w+:)", output)
-    return sorted(f"{i}__{p}__n{n}" for b in blocks if re.match(r"\S*rule measure:", b.strip()) for i, p, n in
-                  re.findall(r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+)", b))
+    return sorted(f"{i}__{p}__n{n}__{v}" for b in blocks if re.match(r"\S*rule measure:", b.strip())
+                  for i, p, n, v in re.findall(r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+), variant=(\S+)", b))
 
 
 def digest(path: Path) -> str:
@@ -165,7 +166,9 @@ def test_breakdown_configs(breakdown):
     assert sorted(c["id"] for c in configs) == sorted(CONFIG_IDS)
     for c in configs:
         n_new = c["decode_tokens"]
-        assert c["id"] == f"{c['image']}__{c['prompt']}__n{n_new}"
+        assert c["id"] == f"{c['image']}__{c['prompt']}__n{n_new}__{c['variant']}"
+        assert c["knobs"] == {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm",
+                              "decode_backend": "eager", "moe_top_k": 2, "max_crops": 12}
         assert c["decode_steps"] == n_new - 1
         for s in STAGE_KEYS:
             st = c["stages"][s]
@@ -401,6 +404,8 @@ BAD_CONFIGS = {
                  ["0 is less than the minimum of 1", "['decode_tokens']"]),
     "model-gpt2": (_bad(lambda c: c.update(model="gpt2")),
                    ["'gpt2' is not one of ['auto', 'molmoe-1b', 'molmoe-1b-tiny']", "['model']"]),
+    "backend-graph": (_bad(lambda c: c.update(decode_backend="graph")),
+                      ["'graph' is not valid under any of the given schemas", "['decode_backend']"]),
     "unknown-key": (_bad(lambda c: c.update(unknown_knob=1)),
                     ["Additional properties are not allowed ('unknown_knob' was unexpected)",
                      "'additionalProperties': False", "'properties': {'model'"]),
@@ -444,3 +449,51 @@ def test_gpu_plan_on_a_cpu_machine(empty_dir):
     assert "results/molmoe-1b_cuda_bfloat16/measure/" in out  # model auto -> molmoe-1b, dtype auto -> bf16
     assert "molmoe-1b-tiny" not in out
     assert out.count("gpu=1") == 19  # every measure, profile, calibrate and flop_check job asks for one GPU
+
+
+# --- sweep axes (issue 7): variants in the plan -----------------------------------------------------------
+
+def plan(work: Path, **overrides) -> tuple[int, str]:
+    work.mkdir()
+    path = write_config(work / "config.yaml", copy.deepcopy(TEST_CONFIG) | overrides)
+    rc, out, _ = snakemake(work, "-n", configfile=path)
+    return rc, out
+
+
+def test_sweep_axes_multiply_the_grid(empty_dir):
+    rc, out = plan(empty_dir / "sweep", moe_top_k=[1, 2], experts_implementation=["grouped_mm", "batched_mm"],
+                   max_crops=4)
+    assert rc == 0, out[-3000:]
+    variants = {cid.split("__")[-1] for cid in measure_wildcards(out)}
+    assert variants == {f"sdpa.{e}.eager.k{k}.c4" for e in ("grouped_mm", "batched_mm") for k in (1, 2)}
+    assert job_counts(out)["measure"] == 8 * 4
+    assert '"moe_top_k": 1' in out and '"max_crops": 4' in out  # the job's spec carries its knobs
+
+
+def test_cuda_graph_variants_are_measured_not_profiled(empty_dir):
+    rc, out = plan(empty_dir / "graph", device="cuda", decode_backend=["eager", "cuda_graph"])
+    assert rc == 0, out[-3000:]
+    counts = job_counts(out)
+    assert counts["measure"] == 16 and counts["profile"] == 8, out[-3000:]
+    assert "sdpa.grouped_mm.cuda_graph.k8.c12" in out
+
+
+def test_impossible_combinations_are_left_out_and_named(empty_dir):
+    rc, out = plan(empty_dir / "left-out", device="cuda", decode_backend=["eager", "cuda_graph"],
+                   experts_implementation=["grouped_mm", "eager"])
+    assert rc == 0, out[-3000:]
+    assert "1 variant(s) left out" in out and "sdpa.eager.cuda_graph.k8.c12: decode_backend cuda_graph with " \
+        "experts_implementation 'eager'; allowed: grouped_mm, batched_mm" in out, out[-3000:]
+    assert job_counts(out)["measure"] == 8 * 3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"decode_backend": "cuda_graph"}, "decode_backend cuda_graph needs device cuda; this run's device is 'cpu'"),
+    ({"device": "cuda", "decode_backend": "cuda_graph", "experts_implementation": "eager"},
+     "decode_backend cuda_graph with experts_implementation 'eager'; allowed: grouped_mm, batched_mm"),
+    ({"moe_top_k": 9}, "moe_top_k 9: molmoe-1b-tiny has 8 experts; allowed 1..8"),
+])
+def test_impossible_variants_fail_while_planning(tmp_path, overrides, message):
+    rc, out = plan(tmp_path / "bad", **overrides)
+    assert rc != 0 and message in out, out[-3000:]
+    assert "rule measure" not in out

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 # Run facts that must agree across configurations: results from different setups never mix silently.
-SHARED = ("model", "weights", "seed", "device", "dtype", "attn_implementation", "experts_implementation",
-          "torch", "transformers", "protocol")
+# The sweep knobs (attention/experts implementation, decode backend, top-k, max_crops) differ by design:
+# each configuration row carries its own "variant" and "knobs".
+SHARED = ("model", "weights", "seed", "device", "dtype", "torch", "transformers", "protocol")
 
 
 def aggregate(summaries: list[str | Path], out: str | Path) -> dict[str, Any]:

@@ -74,7 +74,8 @@ def parse(trace: str | Path, profile_json: str | Path, routing_parquet: str | Pa
     components, stages, kind = attribute(load_events(trace))
     components.to_parquet(out_components, index=False)
     stages.to_parquet(out_stages, index=False)
-    result = {k: profile[k] for k in ("id", "image", "prompt", "decode_tokens", "profiled_decode_steps", "counts")}
+    result = {k: profile[k] for k in ("id", "variant", "knobs", "image", "prompt", "decode_tokens",
+                                      "profiled_decode_steps", "counts")}
     result["device_activity"] = "CUDA kernels" if kind == "cuda" else "top-level ATen ops (CPU)"
     result.update(summarize(components, stages, profile, pd.read_parquet(routing_parquet)))
     runs = profile["profiled_runs"]
@@ -113,8 +114,7 @@ def aggregate(summaries: list[str | Path], measured: list[str | Path], out: str 
                     c["stages"][k]["idle_share_timed"] = max(0.0, 1 - c["stages"][k]["busy_ms"] / v)
         configs.append(c)
     first = json.loads(Path(summaries[0]).read_text())["meta"]
-    result = {"meta": {k: first[k] for k in ("model", "weights", "device", "device_type", "dtype",
-                                             "attn_implementation", "experts_implementation", "torch",
+    result = {"meta": {k: first[k] for k in ("model", "weights", "device", "device_type", "dtype", "torch",
                                              "transformers")} | {"convention": CONVENTION},
               "configs": configs}
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -31,10 +31,21 @@ def _prompt(a: argparse.Namespace) -> None:
     write_prompt(a.out, record)
 
 
+def _gpu_job(spec_json: str) -> dict:
+    """A GPU job's spec; for device `cuda`, first claims one GPU for this process (e1.gpus), before anything
+    touches CUDA. Every command that runs on the GPU starts with this call."""
+    spec = json.loads(spec_json)
+    from e1.gpus import claim_for
+
+    claim_for(str(spec.get("device", "")))
+    return spec
+
+
 def _measure(a: argparse.Namespace) -> None:
+    spec = _gpu_job(a.spec)
     from e1.measure import measure
 
-    measure(json.loads(a.spec), a.out_parquet, a.out_json)
+    measure(spec, a.out_parquet, a.out_json)
 
 
 def _aggregate(a: argparse.Namespace) -> None:
@@ -50,9 +61,10 @@ def _plot_stack(a: argparse.Namespace) -> None:
 
 
 def _profile(a: argparse.Namespace) -> None:
+    spec = _gpu_job(a.spec)
     from e1.profiling import profile_config
 
-    profile_config(json.loads(a.spec), a.out_trace, a.out_json, a.out_routing)
+    profile_config(spec, a.out_trace, a.out_json, a.out_routing)
 
 
 def _parse_trace(a: argparse.Namespace) -> None:

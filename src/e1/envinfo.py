@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import transformers
 
+from e1 import gpus
+
 _SMI_FIELDS = (
     "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,"
     "temperature.gpu,memory.used,memory.total,pci.bus_id"
@@ -30,8 +32,11 @@ def _smi(args: list[str]) -> str | None:
 
 
 def gpu_state(index: int) -> dict[str, Any]:
-    """nvidia-smi readings for one GPU (clocks in MHz, power in W, temperature in C)."""
-    text = _smi([f"--id={index}", f"--query-gpu={_SMI_FIELDS}", "--format=csv,noheader,nounits"])
+    """nvidia-smi readings for torch's cuda:<index> (clocks in MHz, power in W, temperature in C).
+
+    nvidia-smi ignores CUDA_VISIBLE_DEVICES: it is asked for the physical GPU (the claimed one, e1.gpus).
+    """
+    text = _smi([f"--id={gpus.smi_id(index)}", f"--query-gpu={_SMI_FIELDS}", "--format=csv,noheader,nounits"])
     if not text:
         return {"nvidia_smi": "unavailable"}
     values = [v.strip() for v in text.splitlines()[0].split(",")]
@@ -60,6 +65,7 @@ def capture(device: torch.device) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "device_type": device.type,
+        "gpu_claim": gpus.current(),  # which GPU this job claimed (e1.gpus); None: nothing claimed
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -71,6 +77,7 @@ def capture(device: torch.device) -> dict[str, Any]:
             sm_count=props.multi_processor_count,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            nvidia_smi_id=gpus.smi_id(index),  # the physical GPU the nvidia-smi readings are of
             gpu_before=gpu_state(index),
             other_gpu_processes=gpu_processes(index),
         )

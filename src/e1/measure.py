@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import torch
 
 from e1 import envinfo
-from e1.arch import load_arch
-from e1.model.build import build_model
+from e1.arch import Arch, load_arch
+from e1.model.build import build_model, resolve_dtype
+from e1.model.graph_decode import DECODE_BACKENDS, StaticDecoder, check_graph_support
+from e1.model.molmoe import MolmoE
 from e1.preprocess import build_input_ids, check_context, load_image, preprocess
 from e1.stats import summarize
 from e1.timing import CONVENTION, STAGES, RunTiming, StageInputs, timed_generate
@@ -37,6 +39,68 @@ def resolve_device(name: str) -> torch.device:
             "(is this a GPU node? CUDA_VISIBLE_DEVICES?); refusing to measure on the CPU instead"
         )
     return device
+
+
+def resolve_knobs(spec: dict[str, Any]) -> tuple[Arch, dict[str, Any]]:
+    """The configuration's architecture (top-k, max_crops applied) and its knobs, every one spelled out."""
+    arch = load_arch(spec["model"]).with_knobs(moe_top_k=spec.get("moe_top_k"), max_crops=spec.get("max_crops"))
+    backend = spec.get("decode_backend", "eager")
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode_backend {backend!r}; allowed: {', '.join(DECODE_BACKENDS)}")
+    return arch, {
+        "attn_implementation": spec.get("attn_implementation", "sdpa"),
+        "experts_implementation": spec.get("experts_implementation", "grouped_mm"),
+        "decode_backend": backend,
+        "moe_top_k": arch.llm["top_k"],
+        "max_crops": arch.preprocess["max_crops"],
+    }
+
+
+def build_for(spec: dict[str, Any], arch: Arch, knobs: dict[str, Any], device: torch.device) -> MolmoE:
+    return build_model(arch, device=str(device), dtype=spec["dtype"], weights=spec["weights"], seed=spec["seed"],
+                       attn_implementation=knobs["attn_implementation"],
+                       experts_implementation=knobs["experts_implementation"])
+
+
+def graph_decoder(model: MolmoE, inp: StageInputs, new_tokens: int) -> tuple[StaticDecoder, float]:
+    """A decoder whose step is captured once for this configuration; returns it and the capture seconds."""
+    dec = StaticDecoder(model, max_len=inp.input_ids.shape[1] + max(new_tokens, 4))  # capture warm-up: 3 steps
+    timed_generate(model, inp, 2, decoder=dec)  # a started state (and one eager static step)
+    return dec, dec.capture()
+
+
+@torch.inference_mode()
+def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInputs, new_tokens: int,
+                       dec: StaticDecoder) -> dict[str, Any]:
+    """The guard for cuda_graph, in one eager decoding pass that also feeds the static decoder.
+
+    Free-running: the graph's tokens (a timed run) against eager decoding's. Teacher-forced: at every step
+    the static decoder gets eager's token and cache contents; does its argmax agree, how far apart are the
+    logits, and where the argmax differs, how close eager's top two logits were (a near-tie flipped by
+    rounding, or a real fault).
+    """
+    logits, cache = model.prefill(inp.input_ids, model.project(model.encode_images(inp.crops), inp.patch_masks),
+                                  inp.feature_index, inp.token_position)
+    token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+    dec.start(cache, token)
+    eager, agree, max_diff, flips = [token], 0, 0.0, []
+    for step in range(1, new_tokens):
+        dec.token.copy_(token)
+        dec.step()
+        logits, cache = model.decode_step(token, cache)
+        token = logits.argmax(dim=-1, keepdim=True)
+        eager.append(token)
+        max_diff = max(max_diff, float((logits.float() - dec.logits.float()).abs().max()))
+        if torch.equal(dec.token, token):
+            agree += 1
+        else:
+            top2 = logits.float().topk(2).values[0]
+            flips.append({"step": step, "eager_top2_margin": float(top2[0] - top2[1])})
+    diff = (torch.cat(eager, 1)[0].cpu() != graph_tokens).nonzero()
+    return {"compared_tokens": new_tokens, "equal": not len(diff),
+            "first_mismatch": int(diff[0]) if len(diff) else None,
+            "teacher_forced": {"steps": new_tokens - 1, "argmax_agree": agree, "max_abs_logit_diff": max_diff,
+                               "disagreements": flips}}
 
 
 def prepare(arch, image, text_ids: list[int], device: torch.device, dtype: torch.dtype) -> tuple[StageInputs, Any]:
@@ -77,16 +141,19 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
         raise ValueError(f"measure spec lacks {missing}")
-    arch = load_arch(spec["model"])
+    wall = {"start": time.time()}  # wall-clock (time.time()) marks: which jobs overlapped, afterwards
+    arch, knobs = resolve_knobs(spec)
     device = resolve_device(spec["device"])
+    if knobs["decode_backend"] == "cuda_graph":
+        check_graph_support(device.type, knobs["attn_implementation"], knobs["experts_implementation"],
+                            resolve_dtype(spec["dtype"]))
     env = envinfo.capture(device)
     if env.get("other_gpu_processes"):
         log(f"WARNING: other processes on this GPU may perturb timings: {env['other_gpu_processes']}")
-    log(f"{spec['id']}: building {arch.name} ({spec['weights']} weights, {spec['dtype']}) on {env['device_name']}")
+    log(f"{spec['id']}: building {arch.name} ({spec['weights']} weights, {spec['dtype']}) on {env['device_name']}; "
+        f"knobs {knobs}")
     t0 = time.perf_counter()
-    model = build_model(arch, device=str(device), dtype=spec["dtype"], weights=spec["weights"], seed=spec["seed"],
-                        attn_implementation=spec.get("attn_implementation", "sdpa"),
-                        experts_implementation=spec.get("experts_implementation", "grouped_mm"))
+    model = build_for(spec, arch, knobs, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
@@ -99,14 +166,19 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     rows: list[tuple] = []
     tokens = []
     layout = None
+    decoder, capture_s = None, None
+    if knobs["decode_backend"] == "cuda_graph" and n_new > 1:
+        decoder, capture_s = graph_decoder(model, prepare(arch, image, prompt["text_ids"], device, dtype)[0], n_new)
+        log(f"decode step captured in a CUDA graph in {capture_s:.2f} s (static cache of {decoder.kv.max_len} slots)")
     gc.collect()  # once: runs pause the collector, they do not collect
+    wall["runs_start"] = time.time()
     for run in range(-int(spec["warmup"]), int(spec["timed"])):
         t_pre = time.perf_counter()
         inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
         pre_ms = (time.perf_counter() - t_pre) * 1e3
         if run == -int(spec["warmup"]):
             check_context(arch, inp.input_ids.shape[1], n_new)
-        t = timed_generate(model, inp, n_new)
+        t = timed_generate(model, inp, n_new, decoder=decoder)
         if run >= 0:
             rows += run_rows(spec["id"], run, pre_ms, t)
             tokens.append(t.tokens.cpu())
@@ -114,12 +186,15 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
             f"e2e {t.e2e_ms:.1f} ms (vision {t.stages_ms['vision_encoder']:.1f}, projector "
             f"{t.stages_ms['projector']:.1f}, prefill {t.stages_ms['prefill']:.1f}, decode {t.stages_ms['decode']:.1f})")
 
+    wall["runs_end"] = time.time()
     by_stage: dict[str, list[float]] = {}
     for _cid, _run, stage, _step, ms in rows:
         by_stage.setdefault(stage, []).append(ms)
     prefill_tokens = int(inp.input_ids.shape[1])
     summary = {
         "id": spec["id"],
+        "variant": spec.get("variant"),
+        "knobs": knobs,
         "image": spec["image"],
         "prompt": spec["prompt"],
         "prompt_tokens": prompt["prompt_tokens"],
@@ -130,6 +205,8 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
         "stages": {s: summarize(by_stage[s]) for s in ("preprocess", *STAGES, "e2e", "unattributed")},
         "decode_step": summarize(by_stage["decode_step"]) if n_new > 1 else None,
         "tokens_identical_across_runs": bool(all(torch.equal(tokens[0], x) for x in tokens)),
+        "graph_capture_s": capture_s,
+        "tokens_vs_eager_decode": compare_with_eager(tokens[0], model, inp, n_new, decoder) if decoder is not None else None,
         "meta": {
             "model": arch.name,
             "weights": spec["weights"],
@@ -137,8 +214,6 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
             "device": env["device_name"],
             "device_type": device.type,
             "dtype": str(dtype).removeprefix("torch."),
-            "attn_implementation": spec.get("attn_implementation", "sdpa"),
-            "experts_implementation": spec.get("experts_implementation", "grouped_mm"),
             "torch": env["torch"],
             "transformers": env["transformers"],
             "convention": CONVENTION,
@@ -150,6 +225,7 @@ def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path)
     if device.type == "cuda":
         summary["meta"]["env"]["gpu_after"] = envinfo.gpu_state(device.index or 0)
         summary["meta"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    summary["meta"]["wall_clock"] = {**wall, "end": time.time()}
     Path(out_parquet).parent.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out_parquet)
     Path(out_json).write_text(json.dumps(summary, indent=1) + "\n")

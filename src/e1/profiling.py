@@ -16,10 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from e1 import envinfo
-from e1.arch import load_arch
 from e1.components import RUN, component_ranges
-from e1.measure import log, prepare, resolve_device
-from e1.model.build import build_model
+from e1.measure import build_for, log, prepare, resolve_device, resolve_knobs
 from e1.model.molmoe import MolmoE
 from e1.preprocess import load_image
 from e1.timing import StageInputs, timed_generate
@@ -47,12 +45,13 @@ def expert_routing(model: MolmoE, inp: StageInputs) -> pd.DataFrame:
 
 def profile_config(spec: dict[str, Any], out_trace: str | Path, out_json: str | Path,
                    out_routing: str | Path) -> dict[str, Any]:
-    arch = load_arch(spec["model"])
+    arch, knobs = resolve_knobs(spec)
+    if knobs["decode_backend"] != "eager":
+        raise ValueError(f"decode_backend {knobs['decode_backend']!r}: profiles need per-module ranges, which a "
+                         "graph replay does not show; allowed: eager")
     device = resolve_device(spec["device"])
     env = envinfo.capture(device)
-    model = build_model(arch, device=str(device), dtype=spec["dtype"], weights=spec["weights"], seed=spec["seed"],
-                        attn_implementation=spec.get("attn_implementation", "sdpa"),
-                        experts_implementation=spec.get("experts_implementation", "grouped_mm"))
+    model = build_for(spec, arch, knobs, device)
     dtype = next(model.parameters()).dtype
     prompt = json.loads(Path(spec["prompt_path"]).read_text())
     inp, layout = prepare(arch, load_image(spec["image_path"]), prompt["text_ids"], device, dtype)
@@ -78,14 +77,12 @@ def profile_config(spec: dict[str, Any], out_trace: str | Path, out_json: str | 
     routing = expert_routing(model, inp)
     routing.to_parquet(out_routing, index=False)
     summary = {
-        "id": spec["id"], "image": spec["image"], "prompt": spec["prompt"], "decode_tokens": int(spec["decode_tokens"]),
+        "id": spec["id"], "variant": spec.get("variant"), "knobs": knobs, "image": spec["image"], "prompt": spec["prompt"], "decode_tokens": int(spec["decode_tokens"]),
         "profiled_new_tokens": n_new, "profiled_decode_steps": n_new - 1,
         "counts": {**layout.counts(), "prefill_tokens": int(inp.input_ids.shape[1])},
         "profiled_runs": runs, "profiled_wall_s": profiled_s,
         "meta": {"model": arch.name, "weights": spec["weights"], "device": env["device_name"],
                  "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
-                 "attn_implementation": spec.get("attn_implementation", "sdpa"),
-                 "experts_implementation": spec.get("experts_implementation", "grouped_mm"),
                  "torch": env["torch"], "transformers": env["transformers"], "env": env},
     }
     Path(out_json).write_text(json.dumps(summary, indent=1) + "\n")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
+from e1.model.graph_decode import StaticDecoder
 from e1.model.molmoe import MolmoE
 
 STAGES = ("vision_encoder", "projector", "prefill", "decode")
@@ -23,7 +24,9 @@ CONVENTION = (
     "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps, EOS ignored, greedy; "
     "stages are bracketed by CUDA events on the stream (host clock on CPU) with one synchronize per run; "
     "e2e = host clock around the synchronized run (image preprocessing excluded, reported as 'preprocess'); "
-    "unattributed = e2e - sum of the four stages; Python's garbage collector is paused during each run"
+    "unattributed = e2e - sum of the four stages; Python's garbage collector is paused during each run; "
+    "decode_backend cuda_graph: prefill includes copying its KV cache into the static cache, each decode step is "
+    "one replay of the captured step (argmax included)"
 )
 
 
@@ -113,10 +116,11 @@ def gc_paused():
 
 @torch.inference_mode()
 def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: bool = True,
-                   annotate: bool = False) -> RunTiming:
+                   annotate: bool = False, decoder: StaticDecoder | None = None) -> RunTiming:
     """One run of the four stages with forced length `new_tokens`; no host sync inside the run.
 
     annotate=True wraps every stage, decode step and the sampling in profiler ranges (profile jobs only).
+    decoder: decode on its static cache (a CUDA-graph replay per step once captured) instead of eagerly.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
@@ -135,13 +139,18 @@ def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: boo
             logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
             with rng(f"{COMP_RANGE}sampling"):
                 token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+            if decoder is not None and new_tokens > 1:
+                decoder.start(cache, token)
         tokens = [token]
         clock.mark()
         for step in range(1, new_tokens):
             with rng(f"{STAGE_RANGE}decode#{step}"):
-                logits, cache = model.decode_step(token, cache)
-                with rng(f"{COMP_RANGE}sampling"):
-                    token = logits.argmax(dim=-1, keepdim=True)
+                if decoder is not None:
+                    token = decoder.step()
+                else:
+                    logits, cache = model.decode_step(token, cache)
+                    with rng(f"{COMP_RANGE}sampling"):
+                        token = logits.argmax(dim=-1, keepdim=True)
             tokens.append(token)
             clock.mark()
         e2e = clock.stop()

@@ -1,4 +1,5 @@
 # Shared helpers: run identity (model/device/dtype policy), config ids, code dependencies, job params.
+import itertools
 import json
 import os
 import shutil
@@ -31,17 +32,80 @@ RUN = f"{MODEL}_{DEVICE.replace(':', '')}_{DTYPE}"  # results/<RUN>/: CPU and GP
 E1 = f'"{sys.executable}" -m e1'
 
 PROMPTS = config["prompts"]
+ARCH = json.loads((REPO / "src" / "e1" / "archs" / f"{MODEL}.json").read_text())  # shipped top-k, max_crops
+
+
+def axis(key, default):
+    """A sweep axis of the config: one value or a list of values."""
+    value = config.get(key, default)
+    return value if isinstance(value, list) else [value]
+
+
+def variant_name(knobs):
+    """attn.experts.decode_backend.k<top-k>.c<max_crops>, e.g. sdpa.grouped_mm.eager.k8.c12."""
+    return (f"{knobs['attn_implementation']}.{knobs['experts_implementation']}.{knobs['decode_backend']}"
+            f".k{knobs['moe_top_k']}.c{knobs['max_crops']}")
+
+
+def variant_problem(knobs):
+    """Why a combination of knobs cannot run here (None when it can)."""
+    n_experts = ARCH["llm"]["num_experts"]
+    if not 1 <= knobs["moe_top_k"] <= n_experts:
+        return f"moe_top_k {knobs['moe_top_k']}: {MODEL} has {n_experts} experts; allowed 1..{n_experts}"
+    if knobs["decode_backend"] == "cuda_graph":
+        if not ON_GPU:
+            return f"decode_backend cuda_graph needs device cuda; this run's device is {DEVICE!r}"
+        if knobs["attn_implementation"] not in ("sdpa", "eager"):
+            return (f"decode_backend cuda_graph with attn_implementation {knobs['attn_implementation']!r};"
+                    " allowed: sdpa, eager")
+        if knobs["experts_implementation"] not in ("grouped_mm", "batched_mm"):
+            return (f"decode_backend cuda_graph with experts_implementation {knobs['experts_implementation']!r};"
+                    " allowed: grouped_mm, batched_mm")
+        if knobs["experts_implementation"] == "grouped_mm" and DTYPE != "bfloat16":
+            return (f"decode_backend cuda_graph with grouped_mm experts in {DTYPE} (grouped_mm copies its offsets"
+                    " to the host outside bfloat16); allowed: bfloat16, or batched_mm experts")
+    return None
+
+
+# Sweep axes (each one value or a list): every possible combination is a variant, carried into every
+# artifact. Impossible combinations are left out and named; a run where none is possible is an error.
+VARIANTS, LEFT_OUT = {}, []
+for attn, experts, backend, top_k, crops in itertools.product(
+    axis("attn_implementation", "sdpa"), axis("experts_implementation", "grouped_mm"),
+    axis("decode_backend", "eager"), axis("moe_top_k", None), axis("max_crops", None),
+):
+    knobs = {
+        "attn_implementation": attn, "experts_implementation": experts, "decode_backend": backend,
+        "moe_top_k": ARCH["llm"]["top_k"] if top_k is None else top_k,
+        "max_crops": ARCH["preprocess"]["max_crops"] if crops is None else crops,
+    }
+    problem = variant_problem(knobs)
+    if problem:
+        LEFT_OUT.append(f"{variant_name(knobs)}: {problem}")
+    else:
+        VARIANTS[variant_name(knobs)] = knobs
+if not VARIANTS:
+    raise ValueError("no runnable variant: " + "; ".join(LEFT_OUT))
+if LEFT_OUT:
+    print(f"e1: {len(LEFT_OUT)} variant(s) left out:\n  " + "\n  ".join(LEFT_OUT), file=sys.stderr)
+
 CONFIG_IDS = [
-    f"{image}__{prompt}__n{n}"
+    f"{image}__{prompt}__n{n}__{variant}"
     for image in config["images"]
     for prompt in PROMPTS
     for n in config["decode_tokens"]
+    for variant in VARIANTS
 ]
+# Profiles need per-module ranges, which a graph replay does not show: eager-decode variants only.
+PROFILE_IDS = [cid for cid in CONFIG_IDS if VARIANTS[cid.split("__")[-1]]["decode_backend"] == "eager"]
 
 wildcard_constraints:
     image=r"[1-9][0-9]*x[1-9][0-9]*",
     prompt=r"[A-Za-z0-9-]+",
     decode=r"[0-9]+",
+    variant=r"[a-z0-9_]+\.[a-z0-9_]+\.(eager|cuda_graph)\.k[0-9]+\.c[0-9]+",
+
+CONFIG = "{image}__{prompt}__n{decode}__{variant}"  # one configuration's file stem
 
 
 def code(*names):
@@ -54,7 +118,8 @@ CODE_IMAGE = code("inputs.py")
 CODE_PROMPT = code("inputs.py", "arch.py", f"archs/{MODEL}.json")
 CODE_MEASURE = code(
     "measure.py", "timing.py", "stats.py", "envinfo.py", "preprocess.py", "arch.py", f"archs/{MODEL}.json",
-    "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py",
+    "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py", "model/graph_decode.py",
+    "gpus.py",
 )
 CODE_AGGREGATE = code("aggregate.py")
 CODE_PLOT_STACK = code("plots/stack.py", "plots/common.py")
@@ -64,7 +129,7 @@ CODE_PLOT_BREAKDOWN = code("plots/breakdown.py", "plots/common.py")
 
 
 def measure_path(ext):
-    return f"results/{RUN}/measure/{{image}}__{{prompt}}__n{{decode}}.{ext}"
+    return f"results/{RUN}/measure/{CONFIG}.{ext}"
 
 
 def all_summaries(wildcards):
@@ -81,10 +146,9 @@ def prompt_params(wildcards):
 def measure_spec(wildcards):
     """One dict per measurement job (JSON): everything that decides its numbers."""
     return json.dumps({
-        "id": f"{wildcards.image}__{wildcards.prompt}__n{wildcards.decode}",
+        "id": f"{wildcards.image}__{wildcards.prompt}__n{wildcards.decode}__{wildcards.variant}",
         "model": MODEL, "device": DEVICE, "dtype": DTYPE, "weights": config["weights"], "seed": config["seed"],
-        "attn_implementation": config.get("attn_implementation", "sdpa"),
-        "experts_implementation": config.get("experts_implementation", "grouped_mm"),
+        "variant": wildcards.variant, **VARIANTS[wildcards.variant],
         "image": wildcards.image, "image_path": f"inputs/images/{wildcards.image}.png",
         "prompt": wildcards.prompt, "prompt_path": f"inputs/prompts/{wildcards.prompt}.json",
         "decode_tokens": int(wildcards.decode),
@@ -93,11 +157,16 @@ def measure_spec(wildcards):
 
 
 def profile_path(name):
-    return f"results/{RUN}/profile/{{image}}__{{prompt}}__n{{decode}}.{name}"
+    return f"results/{RUN}/profile/{CONFIG}.{name}"
 
 
 def all_breakdowns(wildcards):
-    return [f"results/{RUN}/breakdown/{cid}.json" for cid in CONFIG_IDS]
+    return [f"results/{RUN}/breakdown/{cid}.json" for cid in PROFILE_IDS]
+
+
+def profiled_summaries(wildcards):
+    """Timed summaries of the profiled configurations (the breakdown compares against them)."""
+    return [f"results/{RUN}/measure/{cid}.json" for cid in PROFILE_IDS]
 
 
 def profile_spec(wildcards):

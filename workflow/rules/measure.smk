@@ -15,6 +15,6 @@ rule measure:
     resources:
         gpu=1 if ON_GPU else 0,
     log:
-        f"logs/{RUN}/measure/{{image}}__{{prompt}}__n{{decode}}.log",
+        f"logs/{RUN}/measure/{CONFIG}.log",
     shell:
         "{E1} measure --spec {params.spec:q} --out-parquet {output.parquet} --out-json {output.summary} 2> {log}"

@@ -16,7 +16,7 @@ rule profile:
     resources:
         gpu=1 if ON_GPU else 0,
     log:
-        f"logs/{RUN}/profile/{{image}}__{{prompt}}__n{{decode}}.log",
+        f"logs/{RUN}/profile/{CONFIG}.log",
     shell:
         "{E1} profile --spec {params.spec:q} --out-trace {output.trace} --out-json {output.summary}"
         " --out-routing {output.routing} 2> {log}"
@@ -29,11 +29,11 @@ rule parse_trace:
         routing=profile_path("routing.parquet"),
         code=CODE_PARSE,
     output:
-        components=f"results/{RUN}/breakdown/{{image}}__{{prompt}}__n{{decode}}.components.parquet",
-        stages=f"results/{RUN}/breakdown/{{image}}__{{prompt}}__n{{decode}}.stages.parquet",
-        summary=f"results/{RUN}/breakdown/{{image}}__{{prompt}}__n{{decode}}.json",
+        components=f"results/{RUN}/breakdown/{CONFIG}.components.parquet",
+        stages=f"results/{RUN}/breakdown/{CONFIG}.stages.parquet",
+        summary=f"results/{RUN}/breakdown/{CONFIG}.json",
     log:
-        f"logs/{RUN}/parse_trace/{{image}}__{{prompt}}__n{{decode}}.log",
+        f"logs/{RUN}/parse_trace/{CONFIG}.log",
     shell:
         "{E1} parse-trace --trace {input.trace} --profile {input.summary} --routing {input.routing}"
         " --out-components {output.components} --out-stages {output.stages} --out-json {output.summary} 2> {log}"
@@ -42,7 +42,7 @@ rule parse_trace:
 rule breakdown:
     input:
         summaries=all_breakdowns,
-        measured=all_summaries,
+        measured=profiled_summaries,
         code=CODE_PARSE,
     output:
         "results/e1_attention_ffn_breakdown.json",

@@ -27,7 +27,8 @@ def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
     data = json.loads(Path(breakdown_json).read_text())
     meta = data["meta"]
     configs = sorted(data["configs"], key=lambda c: (c["counts"]["vit_crops"], c["counts"]["prefill_tokens"],
-                                                     c["decode_tokens"]))
+                                                     c["decode_tokens"], c["variant"]))
+    several = len({c["variant"] for c in configs}) > 1
     bars, labels, x = [], [], []
     pos = 0.0
     for i, c in enumerate(configs):
@@ -36,7 +37,8 @@ def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
         for stage, tag in (("prefill", "prefill"), ("decode_per_token", "decode/tok")):
             if stage in c["stages"]:
                 bars.append(_parts(c["stages"][stage]))
-                labels.append(f"{c['image']} {c['prompt']} n{c['decode_tokens']}\n{tag}")
+                labels.append(f"{c['image']} {c['prompt']} n{c['decode_tokens']}\n{tag}"
+                              + (f"\n{c['variant']}" if several else ""))
                 x.append(pos)
                 pos += 1.0
         pos += 0.5

@@ -11,13 +11,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from e1.inputs import parse_size  # noqa: E402
 from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
 from e1.timing import STAGES  # noqa: E402
 
 
-def subtitle(meta: dict) -> str:
-    return (f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · "
-            f"{meta['attn_implementation']} attention, {meta['experts_implementation']} experts · "
+def image_area(size: str) -> int:
+    w, h = parse_size(size)
+    return w * h
+
+
+def knobs_text(knobs: dict) -> str:
+    return (f"{knobs['attn_implementation']} attention, {knobs['experts_implementation']} experts, "
+            f"{knobs['decode_backend']} decode, top-{knobs['moe_top_k']} experts, max {knobs['max_crops']} crops")
+
+
+def subtitle(meta: dict, configs: list[dict]) -> str:
+    variants = {c["variant"]: c["knobs"] for c in configs}
+    how = knobs_text(next(iter(variants.values()))) if len(variants) == 1 else \
+        f"{len(variants)} variants (attn.experts.decode.k<top-k>.c<max crops>, named under each bar)"
+    return (f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · {how} · "
             f"means of {meta['protocol']['timed']} timed runs after {meta['protocol']['warmup']} warm-up")
 
 
@@ -25,7 +38,9 @@ def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
     data = json.loads(Path(breakdown_json).read_text())
     meta, configs = data["meta"], data["configs"]
     # group: image (outer) -> prompt -> decode length, in the order the config lists them
-    configs = sorted(configs, key=lambda c: (c["counts"]["vit_crops"], c["prompt_tokens"], c["decode_tokens"]))
+    configs = sorted(configs, key=lambda c: (image_area(c["image"]), c["prompt_tokens"], c["decode_tokens"],
+                                             c["variant"]))
+    several = len({c["variant"] for c in configs}) > 1
     x = np.arange(len(configs), dtype=float)
     gap = 0.0
     for i in range(1, len(configs)):  # gaps between image and prompt groups
@@ -62,15 +77,17 @@ def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
     ax_fixed.set_ylabel("before decode (ms):\nvision + projector + prefill")
     ax_fixed.grid(axis="y", alpha=0.3)
     ax_fixed.set_xticks(x)
-    ax_fixed.set_xticklabels([f"{c['prompt']} ({c['prompt_tokens']}t)\n{c['decode_tokens']} new" for c in configs],
-                             rotation=90, fontsize=7)
+    ax_fixed.set_xticklabels([f"{c['prompt']} ({c['prompt_tokens']}t)\n{c['decode_tokens']} new"
+                              + (f"\n{c['variant']}" if several else "") for c in configs], rotation=90, fontsize=7)
     for image in dict.fromkeys(c["image"] for c in configs):
         xs = [xi for xi, c in zip(x, configs) if c["image"] == image]
         c0 = next(c for c in configs if c["image"] == image)
-        ax_ms.annotate(f"{image}: {c0['counts']['vit_crops']} crops, {c0['counts']['pooled_features']} pooled, "
-                       f"{c0['counts']['inserted_features']} in LLM", xy=(np.mean(xs), 1.0),
+        counts = "" if several else (f": {c0['counts']['vit_crops']} crops, {c0['counts']['pooled_features']} "
+                                     f"pooled, {c0['counts']['inserted_features']} in LLM")
+        ax_ms.annotate(f"{image}{counts}", xy=(np.mean(xs), 1.0),
                        xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
-    fig.suptitle(title_for("E1: where MolmoE inference time goes, by stage", meta["model"]), fontsize=13, y=0.995)
-    ax_ms.set_title(subtitle(meta) + "\nN new tokens = 1 prefill + N−1 decode steps; image preprocessing (CPU) "
+    fig.suptitle(title_for("E1: where MolmoE inference time goes, by stage", meta["model"], "\n"), fontsize=13,
+                 y=0.995)
+    ax_ms.set_title(subtitle(meta, configs) + "\nN new tokens = 1 prefill + N−1 decode steps; image preprocessing (CPU) "
                     "not shown", fontsize=8, pad=16)
     save(fig, out_png)
