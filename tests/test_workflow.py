@@ -475,6 +475,7 @@ def test_cuda_graph_variants_are_measured_not_profiled(empty_dir):
     assert rc == 0, out[-3000:]
     counts = job_counts(out)
     assert counts["measure"] == 16 and counts["profile"] == 8, out[-3000:]
+    assert counts["flop_check"] == 2, out[-3000:]  # FLOPs are counted on eager decode: one check per image
     assert "sdpa.grouped_mm.cuda_graph.k8.c12" in out
 
 

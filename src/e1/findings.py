@@ -205,8 +205,8 @@ def render(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = ["# E1 findings", "",
              f"Run: {m['model']} on {m['device']} ({m['device_type']}), {m['dtype']}, {m['weights']} weights, "
-             f"{m['attn_implementation']} attention, {m['experts_implementation']} experts, torch {m['torch']}; "
-             f"{m['protocol']['timed']} timed runs after {m['protocol']['warmup']} warm-up, batch size 1.", "",
+             f"torch {m['torch']}; {m['protocol']['timed']} timed runs after {m['protocol']['warmup']} warm-up, "
+             f"batch size 1. Knobs (all configurations pooled): {'; '.join(m['knobs'])}.", "",
              "Conventions: " + "; ".join(m["conventions"].values()), ""]
     if m["model"] != "molmoe-1b":
         lines += [f"**{m['model']} is a scaled-down stand-in: these numbers are not MolmoE-1B's.**", ""]
@@ -222,20 +222,25 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def findings(breakdown_json: str | Path, flops_json: str | Path, components_json: str | Path, out_md: str | Path,
-             out_json: str | Path) -> dict[str, Any]:
-    """Answer the questions and judge the expectations; write Markdown and JSON."""
+def findings(breakdown_json: str | Path, flops_json: str | Path, components_json: str | Path | None,
+             out_md: str | Path, out_json: str | Path) -> dict[str, Any]:
+    """Answer the questions and judge the expectations; write Markdown and JSON.
+
+    components_json None: nothing was profiled (e.g. every variant decodes with CUDA graphs); the component
+    questions and findings are then reported as not measured.
+    """
     bd = json.loads(Path(breakdown_json).read_text())
     fl = json.loads(Path(flops_json).read_text())
-    comp = json.loads(Path(components_json).read_text())
+    comp = json.loads(Path(components_json).read_text()) if components_json else \
+        {"meta": {**bd["meta"], "convention": "nothing profiled"}, "configs": []}
     meta, configs = bd["meta"], bd["configs"]
     if not configs:
         raise ValueError(f"{breakdown_json} has no configurations")
     _check_same_run(meta, fl["meta"], f"FLOPs vs latency {flops_json}")
     _check_same_run(meta, comp["meta"], f"component breakdown {components_json}")
     result = {
-        "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "attn_implementation",
-                                         "experts_implementation", "torch", "protocol")},
+        "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "torch", "protocol")},
+                 "knobs": sorted({", ".join(f"{k}={v}" for k, v in p["knobs"].items()) for p in fl["points"]}),
                  "conventions": {"timing": meta["convention"], "components": comp["meta"]["convention"],
                                  "flops": fl["meta"]["convention"],
                                  "shares": "a stage's share = its median latency / the sum of the four stages' "

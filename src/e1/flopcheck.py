@@ -20,9 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from e1 import flops
-from e1.arch import load_arch
-from e1.measure import prepare, resolve_device
-from e1.model.build import build_model
+from e1.measure import build_for, prepare, resolve_device, resolve_knobs
 from e1.preprocess import load_image
 
 # Ops whose name says they multiply matrices (matmul, conv, attention, dot products): arithmetic the
@@ -88,16 +86,16 @@ def check_stages(model, arch, inp, layout) -> dict[str, dict[str, Any]]:
 
 
 def flop_check(spec: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
-    """Build the model of `spec` (as a measure job does), check every stage, write the JSON."""
+    """Build the model of `spec` with its knobs (as a measure job does), check every stage, write the JSON.
+
+    The decode step runs eagerly whatever the spec's decode_backend: a CUDA-graph replay hides its ops.
+    """
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
         raise ValueError(f"flop-check spec lacks {missing}; required: {list(REQUIRED)}")
-    arch = load_arch(spec["model"])
+    arch, knobs = resolve_knobs({**spec, "decode_backend": "eager"})
     device = resolve_device(spec["device"])
-    attn = spec.get("attn_implementation", "sdpa")
-    experts = spec.get("experts_implementation", "grouped_mm")
-    model = build_model(arch, device=str(device), dtype=spec["dtype"], weights=spec["weights"], seed=spec["seed"],
-                        attn_implementation=attn, experts_implementation=experts)
+    model = build_for(spec, arch, knobs, device)
     dtype = next(model.parameters()).dtype
     prompt = json.loads(Path(spec["prompt_path"]).read_text())
     inp, layout = prepare(arch, load_image(spec["image_path"]), prompt["text_ids"], device, dtype)
@@ -105,13 +103,15 @@ def flop_check(spec: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
     result = {
         "image": spec["image"],
         "prompt": spec["prompt"],
+        "variant": spec.get("variant"),
+        "knobs": knobs,
         "prefill_tokens": int(inp.input_ids.shape[1]),
         "stages": stages,
         "zero_counted_ops": sorted({op for s in stages.values() for op in s["zero_counted_ops"]}),
         "meta": {
             "model": arch.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "weights": spec["weights"],
-            "attn_implementation": attn, "experts_implementation": experts, "torch": torch.__version__,
+            "torch": torch.__version__,
             "convention": CONVENTION,
         },
     }

@@ -34,11 +34,12 @@ CONVENTION = (
 
 
 def knobs_of(row: dict[str, Any], meta: dict[str, Any], arch: Arch) -> dict[str, Any]:
-    """A row's knobs; rows without a "knobs" dict ran with the run's settings and the shipped arch."""
+    """A row's knobs; rows without a "knobs" dict (before the sweep axes) ran with the run's settings (meta)
+    and the shipped arch."""
     k = row.get("knobs") or {}
     return {
-        "attn_implementation": k.get("attn_implementation", meta["attn_implementation"]),
-        "experts_implementation": k.get("experts_implementation", meta["experts_implementation"]),
+        "attn_implementation": k.get("attn_implementation", meta.get("attn_implementation", "sdpa")),
+        "experts_implementation": k.get("experts_implementation", meta.get("experts_implementation", "grouped_mm")),
         "decode_backend": k.get("decode_backend", "eager"),
         "moe_top_k": k.get("moe_top_k", arch.llm["top_k"]),
         "max_crops": k.get("max_crops", arch.preprocess["max_crops"]),
@@ -157,9 +158,8 @@ def build(breakdown_json: str | Path, calibrate_json: str | Path, flopcheck_json
     for path in flopcheck_jsons:
         fc = json.loads(Path(path).read_text())
         _check_same_run(meta, fc["meta"], f"flop check {path}", ("model", "dtype", "device_type"))
-        checks.append({"image": fc["image"], "prompt": fc["prompt"], "prefill_tokens": fc["prefill_tokens"],
-                       "attn_implementation": fc["meta"]["attn_implementation"],
-                       "experts_implementation": fc["meta"]["experts_implementation"],
+        checks.append({"image": fc["image"], "prompt": fc["prompt"], "variant": fc["variant"], "knobs": fc["knobs"],
+                       "prefill_tokens": fc["prefill_tokens"],
                        "stages": {s: {k: v[k] for k in ("analytic", "counted", "ratio", "zero_counted_ops")}
                                   for s, v in fc["stages"].items()},
                        "zero_counted_ops": fc["zero_counted_ops"]})
@@ -167,9 +167,9 @@ def build(breakdown_json: str | Path, calibrate_json: str | Path, flopcheck_json
     if len(points) < 2:
         raise ValueError(f"{breakdown_json} gives {len(points)} (configuration, stage) points; need at least 2")
     result = {
-        "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "attn_implementation",
-                                         "experts_implementation", "torch", "protocol")},
-                 "calibration": cal, "convention": CONVENTION},
+        "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "torch", "protocol")},
+                 "variants": sorted({p["variant"] or "" for p in points}), "calibration": cal,
+                 "convention": CONVENTION},
         "fits": fits(points),
         "inversions": inversions(points),
         "equal_flops_spread": equal_flops_spread(points),

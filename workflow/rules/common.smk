@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 
 def detect_device():
@@ -186,7 +185,9 @@ CODE_FLOPS_VS_LATENCY = code("flops_vs_latency.py", "flops.py", "traffic.py", "c
 CODE_PLOT_FLOPS = code("plots/flops.py", "plots/common.py")
 CODE_PLOT_SCALING = code("plots/scaling.py", "plots/common.py")
 CODE_FINDINGS = code("findings.py")
-FIRST_PROMPT = next(iter(PROMPTS))  # the flop check runs once per image, with the first prompt
+FIRST_PROMPT = next(iter(PROMPTS))  # the flop check runs once per image and variant, with the first prompt
+# FlopCounterMode sees eager decode only (a graph replay hides its ops): one check per eager-decode variant.
+FLOPCHECK_VARIANTS = {variant_name(k): k for k in ({**v, "decode_backend": "eager"} for v in VARIANTS.values())}
 
 
 def calibrate_params(wildcards):
@@ -195,15 +196,23 @@ def calibrate_params(wildcards):
 
 
 def flopcheck_spec(wildcards):
-    """One dict per flop-check job (JSON): a measure job's model and inputs, without the timing protocol."""
-    spec = json.loads(measure_spec(types.SimpleNamespace(image=wildcards.image, prompt=wildcards.prompt, decode=1)))
-    for key in ("id", "decode_tokens", "warmup", "timed"):
-        del spec[key]
-    return json.dumps(spec, sort_keys=True)
+    """One dict per flop-check job (JSON): the model, knobs and inputs of a measure job, no timing protocol."""
+    return json.dumps({
+        "model": MODEL, "device": DEVICE, "dtype": DTYPE, "weights": config["weights"], "seed": config["seed"],
+        "variant": wildcards.variant, **FLOPCHECK_VARIANTS[wildcards.variant],
+        "image": wildcards.image, "image_path": f"inputs/images/{wildcards.image}.png",
+        "prompt": wildcards.prompt, "prompt_path": f"inputs/prompts/{wildcards.prompt}.json",
+    }, sort_keys=True)
 
 
 def all_flopchecks(wildcards):
-    return [f"results/{RUN}/flopcheck/{image}__{FIRST_PROMPT}.json" for image in config["images"]]
+    return [f"results/{RUN}/flopcheck/{image}__{FIRST_PROMPT}__{variant}.json"
+            for image in config["images"] for variant in FLOPCHECK_VARIANTS]
+
+
+def findings_components(wildcards):
+    """The profiler breakdown, when any variant is profiled (eager decode); none otherwise."""
+    return ["results/e1_attention_ffn_breakdown.json"] if PROFILE_IDS else []
 
 
 def all_parquets(wildcards):

@@ -23,14 +23,14 @@ rule flop_check:
         prompt="inputs/prompts/{prompt}.json",
         code=CODE_FLOPCHECK,
     output:
-        f"results/{RUN}/flopcheck/{{image}}__{{prompt}}.json",
+        f"results/{RUN}/flopcheck/{{image}}__{{prompt}}__{{variant}}.json",
     params:
         spec=flopcheck_spec,
     threads: 1 if ON_GPU else workflow.cores
     resources:
         gpu=1 if ON_GPU else 0,
     log:
-        f"logs/{RUN}/flop_check/{{image}}__{{prompt}}.log",
+        f"logs/{RUN}/flop_check/{{image}}__{{prompt}}__{{variant}}.log",
     shell:
         "{E1} flop-check --spec {params.spec:q} --out {output} 2> {log}"
 
@@ -79,7 +79,7 @@ rule findings:
     input:
         breakdown="results/e1_stage_latency_breakdown.json",
         flops="results/e1_flops_vs_latency.json",
-        components="results/e1_attention_ffn_breakdown.json",
+        components=findings_components,
         code=CODE_FINDINGS,
     output:
         md="results/e1_findings.md",

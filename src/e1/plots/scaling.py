@@ -36,7 +36,8 @@ def step_medians(parquets: list[str | Path], prefill_tokens: dict[str, int]) -> 
 def plot_scaling(breakdown_json: str | Path, parquets: list[str | Path], out_png: str | Path) -> None:
     data = json.loads(Path(breakdown_json).read_text())
     meta, configs = data["meta"], data["configs"]
-    rows = pd.DataFrame([{"id": c["id"], "image": c["image"], "crops": c["counts"]["vit_crops"],
+    rows = pd.DataFrame([{"id": c["id"], "variant": c.get("variant") or "", "image": c["image"],
+                          "crops": c["counts"]["vit_crops"],
                           "decode_tokens": c["decode_tokens"], "decode_steps": c["decode_steps"],
                           "prefill_tokens": c["counts"]["prefill_tokens"],
                           "prefill_ms": c["stages"]["prefill"]["median_ms"],
@@ -45,23 +46,26 @@ def plot_scaling(breakdown_json: str | Path, parquets: list[str | Path], out_png
     colors = dict(zip(images, plt.cm.viridis(np.linspace(0, 0.85, len(images)))))
     fig, (ax_p, ax_d, ax_s) = plt.subplots(1, 3, figsize=(17, 5.5))
 
-    for n, g in rows.groupby("decode_tokens"):
+    several = rows.variant.nunique() > 1  # sweep variants: one line per variant too
+
+    def name(variant: str, what: str) -> str:
+        return f"{variant} {what}" if several else what
+
+    for (variant, n), g in rows.groupby(["variant", "decode_tokens"]):
         g = g.sort_values("prefill_tokens")
         ax_p.plot(g.prefill_tokens, g.prefill_ms, "o-", ms=4, lw=1, alpha=0.8,
-                  label=_label(f"N = {n} new tokens", slope(g.prefill_tokens, g.prefill_ms), "ms/token"))
+                  label=_label(name(variant, f"N = {n} new tokens"), slope(g.prefill_tokens, g.prefill_ms),
+                               "ms/token"))
     ax_p.set_xlabel("prefill tokens (BOS + image tokens + text tokens)")
     ax_p.set_ylabel("prefill latency (ms, median)")
     ax_p.set_title("prefill vs input tokens, one line per decode length\n(slope: least squares over the line)",
                    fontsize=9)
 
-    for image in images:
-        g = rows[(rows.image == image) & (rows.decode_steps > 0)]
-        if g.empty:
-            continue
+    for (variant, image), g in rows[rows.decode_steps > 0].groupby(["variant", "image"]):
         mean = g.groupby("decode_steps", as_index=False)["decode_ms"].mean()
         ax_d.scatter(g.decode_steps, g.decode_ms, color=colors[image], s=12, alpha=0.6)
         ax_d.plot(mean.decode_steps, mean.decode_ms, "-", color=colors[image],
-                  label=_label(image, slope(g.decode_steps, g.decode_ms), "ms/token"))
+                  label=_label(name(variant, image), slope(g.decode_steps, g.decode_ms), "ms/token"))
     ax_d.set_xlabel("generated tokens after the first (N−1 decode steps)")
     ax_d.set_ylabel("decode latency (ms, median)")
     ax_d.set_title("decode vs generated tokens, one line per image size\n(dots: prompts; line: their mean)",
