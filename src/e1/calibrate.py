@@ -92,6 +92,7 @@ def calibrate(device_name: str, dtype_name: str, out_json: str | Path) -> dict[s
                if device.type == "cuda" else "CPU: host clock per batch; small sizes, labelled CPU, not a GPU ceiling.")
         ),
         "torch": env["torch"],
+        "gpu_claim": env.get("gpu_claim"),  # which GPU this job claimed on a multi-GPU node (e1.gpus)
     }
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps(result, indent=1) + "\n")

@@ -86,18 +86,19 @@ def _plot_breakdown(a: argparse.Namespace) -> None:
 
 
 def _calibrate(a: argparse.Namespace) -> None:
-    from e1.calibrate import calibrate
-
-    job = json.loads(a.job)
+    job = _gpu_job(a.job)
     if set(job) != {"device", "dtype"}:
         raise ValueError(f"calibrate job {job}: needs exactly the keys 'device' and 'dtype'")
+    from e1.calibrate import calibrate
+
     calibrate(job["device"], job["dtype"], a.out)
 
 
 def _flop_check(a: argparse.Namespace) -> None:
+    spec = _gpu_job(a.spec)
     from e1.flopcheck import flop_check
 
-    flop_check(json.loads(a.spec), a.out)
+    flop_check(spec, a.out)
 
 
 def _flops_vs_latency(a: argparse.Namespace) -> None:

@@ -178,7 +178,7 @@ def profile_spec(wildcards):
 
 
 # --- FLOPs, roofline, scaling, findings (workflow/rules/flops.smk) ------------------------------------
-CODE_CALIBRATE = code("calibrate.py", "measure.py", "envinfo.py", "model/build.py")
+CODE_CALIBRATE = code("calibrate.py", "measure.py", "envinfo.py", "gpus.py", "model/build.py")
 CODE_FLOPCHECK = CODE_MEASURE + code("flopcheck.py", "flops.py")
 CODE_FLOPS_VS_LATENCY = code("flops_vs_latency.py", "flops.py", "traffic.py", "correlation.py", "arch.py",
                              f"archs/{MODEL}.json")
