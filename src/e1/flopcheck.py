@@ -20,8 +20,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from e1 import flops
+from e1.arch import Arch
 from e1.measure import build_for, prepare, resolve_device, resolve_knobs
+from e1.model.molmoe import MolmoE
 from e1.preprocess import load_image
+from e1.timing import StageInputs
 
 # Ops whose name says they multiply matrices (matmul, conv, attention, dot products): arithmetic the
 # analytic convention counts. Elementwise ops are not matrix products and are left out on purpose.
@@ -68,7 +71,7 @@ def compare(analytic: dict[str, int], counted: dict[str, Any]) -> dict[str, Any]
 
 
 @torch.inference_mode()
-def check_stages(model, arch, inp, layout) -> dict[str, dict[str, Any]]:
+def check_stages(model: MolmoE, arch: Arch, inp: StageInputs, layout: Any) -> dict[str, dict[str, Any]]:
     """Every stage once, counted; analytic FLOPs from the same counts."""
     t = int(inp.input_ids.shape[1])
     feats, vis = count(lambda: model.encode_images(inp.crops))
