@@ -46,7 +46,8 @@ def plot_scaling(breakdown_json: str | Path, parquets: list[str | Path], out_png
     colors = dict(zip(images, plt.cm.viridis(np.linspace(0, 0.85, len(images)))))
     fig, (ax_p, ax_d, ax_s) = plt.subplots(1, 3, figsize=(17, 5.5))
 
-    several = rows.variant.nunique() > 1  # sweep variants: one line per variant too
+    several = rows.variant.nunique() > 1  # sweep variants: one line per variant too, told apart by line style
+    styles = dict(zip(sorted(rows.variant.unique()), ["-", "--", ":", "-."] * len(rows)))
 
     def name(variant: str, what: str) -> str:
         return f"{variant} {what}" if several else what
@@ -64,7 +65,7 @@ def plot_scaling(breakdown_json: str | Path, parquets: list[str | Path], out_png
     for (variant, image), g in rows[rows.decode_steps > 0].groupby(["variant", "image"]):
         mean = g.groupby("decode_steps", as_index=False)["decode_ms"].mean()
         ax_d.scatter(g.decode_steps, g.decode_ms, color=colors[image], s=12, alpha=0.6)
-        ax_d.plot(mean.decode_steps, mean.decode_ms, "-", color=colors[image],
+        ax_d.plot(mean.decode_steps, mean.decode_ms, styles[variant], color=colors[image],
                   label=_label(name(variant, image), slope(g.decode_steps, g.decode_ms), "ms/token"))
     ax_d.set_xlabel("generated tokens after the first (N−1 decode steps)")
     ax_d.set_ylabel("decode latency (ms, median)")
@@ -74,7 +75,8 @@ def plot_scaling(breakdown_json: str | Path, parquets: list[str | Path], out_png
     steps = step_medians(parquets, dict(zip(rows.id, rows.prefill_tokens)))
     by_id = rows.set_index("id")
     for cid, g in steps.groupby("config_id"):
-        ax_s.plot(g.position, g.ms, ".-", ms=3, lw=0.8, alpha=0.6, color=colors[by_id.image[cid]])
+        ax_s.plot(g.position, g.ms, styles[by_id.variant[cid]], marker=".", ms=3, lw=0.8, alpha=0.6,
+                  color=colors[by_id.image[cid]])
     for image in images:
         g = steps[steps.config_id.map(by_id.image) == image]
         s = slope(g.position, g.ms)
