@@ -21,6 +21,7 @@ include: "workflow/rules/measure.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/profile.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/flops.smk"
 
 
 rule all:
@@ -29,3 +30,6 @@ rule all:
         "figures/e1_stage_stack_plot.png",
         # the profiler breakdown covers eager-decode variants (PROFILE_IDS); none when all decode is graphed
         *(["figures/e1_attention_ffn_breakdown.png"] if PROFILE_IDS else []),
+        "figures/e1_flops_vs_latency.png",
+        "figures/e1_scaling_curves.png",
+        "results/e1_findings.md",

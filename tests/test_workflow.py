@@ -5,8 +5,8 @@ Snakefile. A copied Snakefile would look for src/e1/*.py next to the copy (Missi
 tests run the repository's own Snakefile with `--directory <tmp>` and a small test config passed with
 `--configfile`: all outputs (inputs/, results/, figures/, logs/, .snakemake/) land in the tmp dir.
 
-One real run of the small grid (8 measurement jobs) takes about 2 minutes on 2 CPU cores; everything
-else is dry runs (about 1.5 s each). Module mtimes are bumped with os.utime and restored afterwards;
+One real run of the small grid (8 measurement and 8 profile jobs, 1 calibration, 2 flop checks, the
+FLOPs/scaling/findings outputs) took 258 s on 2 CPU cores shared with other work; everything else is dry runs (about 1.5 s each). Module mtimes are bumped with os.utime and restored afterwards;
 file contents in the repository are never changed (see MTIME_ONLY for how a bump stands for an edit).
 """
 
@@ -33,6 +33,11 @@ TARGET = "figures/e1_stage_stack_plot.png"
 BREAKDOWN_FIGURE = "figures/e1_attention_ffn_breakdown.png"
 RUN = "molmoe-1b-tiny_cpu_float32"
 BREAKDOWN = "results/e1_stage_latency_breakdown.json"
+FLOPS_FIGURE = "figures/e1_flops_vs_latency.png"
+SCALING_FIGURE = "figures/e1_scaling_curves.png"
+FLOPS_JSON = "results/e1_flops_vs_latency.json"
+# what every change to the stage latency breakdown reruns downstream of it (besides the stack plot)
+AFTER_BREAKDOWN = {"flops_vs_latency": 1, "plot_flops": 1, "plot_scaling": 1, "findings": 1}
 
 TEST_CONFIG = {
     "model": "auto",
@@ -58,7 +63,8 @@ STAT_KEYS = ("mean_ms", "median_ms", "p95_ms", "p99_ms", "std_ms", "n")
 WATCHED = [REPO / "src" / "e1" / f for f in (
     "measure.py", "timing.py", "stats.py", "envinfo.py", "preprocess.py", "arch.py", "archs/molmoe-1b-tiny.json",
     "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py", "inputs.py", "describe.py",
-    "aggregate.py", "plots/stack.py")]
+    "aggregate.py", "plots/stack.py", "plots/common.py", "calibrate.py", "flopcheck.py", "flops.py", "traffic.py",
+    "flops_vs_latency.py", "correlation.py", "findings.py", "plots/flops.py", "plots/scaling.py")]
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -148,7 +154,8 @@ def test_run_succeeds(wf):
     assert wf["rc"] == 0, wf["out"][-6000:]
     counts = job_counts(wf["out"])
     assert counts == {"image": 2, "prompt": 2, "measure": 8, "aggregate": 1, "plot_stack": 1, "profile": 8,
-                      "parse_trace": 8, "breakdown": 1, "plot_breakdown": 1, "all": 1}, wf["out"][-3000:]
+                      "parse_trace": 8, "breakdown": 1, "plot_breakdown": 1, "calibrate": 1, "flop_check": 2,
+                      **AFTER_BREAKDOWN, "all": 1}, wf["out"][-3000:]
     assert (wf["dir"] / BREAKDOWN).is_file()
 
 
@@ -189,7 +196,7 @@ def test_breakdown_meta(breakdown):
     assert len(meta["build_s"]) == 8
 
 
-@pytest.mark.parametrize("figure", [TARGET, BREAKDOWN_FIGURE])
+@pytest.mark.parametrize("figure", [TARGET, BREAKDOWN_FIGURE, FLOPS_FIGURE, SCALING_FIGURE])
 def test_figure_written(wf, breakdown, figure):
     png = wf["dir"] / figure
     data = png.read_bytes()
@@ -201,6 +208,37 @@ def test_figure_written(wf, breakdown, figure):
         assert im.width >= 400 and im.height >= 300
         colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colors is not None and len(colors) > 10
+
+
+def test_flops_vs_latency_json(wf, breakdown):
+    data = json.loads((wf["dir"] / FLOPS_JSON).read_text())
+    cal = data["meta"]["calibration"]
+    assert cal["device_type"] == "cpu" and cal["dtype"] == "float32"
+    assert cal["matmul_tflops"] > 0 and cal["copy_gbps"] > 0
+    assert len(data["points"]) == 4 * len(CONFIG_IDS)  # every configuration has decode steps (N >= 2)
+    for p in data["points"]:
+        row = next(c for c in breakdown["configs"] if c["id"] == p["id"])
+        assert p["measured_ms"] == row["stages"][p["stage"]]["median_ms"]
+        assert p["flops"] > 0 and p["bytes"] > 0 and p["roofline_ms"] > 0
+    for fit in data["fits"].values():
+        assert fit["n"] == len(data["points"]) and -1 <= fit["spearman_rho"] <= 1
+    assert data["equal_flops_spread"] == []
+    checks = data["flop_check"]
+    assert sorted(c["image"] for c in checks) == sorted(TEST_CONFIG["images"])
+    for c in checks:
+        assert c["prompt"] == "short"
+        assert "aten._grouped_mm" in c["zero_counted_ops"]  # the default experts path
+        assert c["stages"]["projector"]["counted"] > 0
+
+
+def test_findings_written(wf, breakdown):
+    md = (wf["dir"] / "results/e1_findings.md").read_text()
+    result = json.loads((wf["dir"] / "results/e1_findings.json").read_text())
+    assert "scaled-down stand-in" in md and "molmoe-1b-tiny" in md and "float32" in md
+    assert len(result["expected_findings"]) == 5 and md.count("Criterion:") == 5
+    for f in result["expected_findings"]:
+        assert f["verdict"] in ("holds", "does not hold", "mixed", "not measured")
+    assert set(result["questions"]) == {"q1_dominant_stage", "q2_llm_components", "q3_regimes", "q4_flops"}
 
 
 def test_parquet_rows_match_summaries(wf, breakdown):
@@ -277,12 +315,27 @@ def test_touch_plot_module_reruns_only_the_plot(wf, breakdown):
     assert job_counts(out) == {"plot_stack": 1, "all": 1}, out[-3000:]
 
 
+@pytest.mark.parametrize("module, jobs", [
+    ("plots/scaling.py", {"plot_scaling": 1}),
+    ("findings.py", {"findings": 1}),
+    ("flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
+])
+def test_touch_flops_modules_reruns_only_their_jobs(wf, breakdown, module, jobs):
+    assert_package_unchanged(wf)
+    with bumped_mtime(REPO / "src/e1" / module):
+        rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
+    assert rc == 0, out[-3000:]
+    assert job_counts(out) == {**jobs, "all": 1}, out[-3000:]
+
+
 def test_touch_timing_module_reruns_all_measurements(wf, breakdown):
     assert_package_unchanged(wf)
     with bumped_mtime(REPO / "src/e1/timing.py"):
         rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "profile": 8, "parse_trace": 8, "breakdown": 1, "plot_breakdown": 1, "all": 1}, out[-3000:]
+    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "profile": 8, "parse_trace": 8,
+                               "breakdown": 1, "plot_breakdown": 1, "flop_check": 2, **AFTER_BREAKDOWN,
+                               "all": 1}, out[-3000:]
     assert measure_wildcards(out) == sorted(CONFIG_IDS)
 
 
@@ -291,7 +344,7 @@ def test_touch_aggregate_module_reruns_aggregate_and_plot(wf, breakdown):
     with bumped_mtime(REPO / "src/e1/aggregate.py"):
         rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"aggregate": 1, "plot_stack": 1, "all": 1}, out[-3000:]
+    assert job_counts(out) == {"aggregate": 1, "plot_stack": 1, **AFTER_BREAKDOWN, "all": 1}, out[-3000:]
 
 
 def test_changing_one_prompt_reruns_only_its_jobs(wf, breakdown):
@@ -301,8 +354,10 @@ def test_changing_one_prompt_reruns_only_its_jobs(wf, breakdown):
     path = write_config(wf["dir"] / "config_long121.yaml", cfg)
     rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
     assert rc == 0, out[-3000:]
+    # the flop check runs with the first prompt (short) only
     assert job_counts(out) == {"prompt": 1, "measure": 4, "aggregate": 1, "plot_stack": 1, "profile": 4,
-                               "parse_trace": 4, "breakdown": 1, "plot_breakdown": 1, "all": 1}, out[-3000:]
+                               "parse_trace": 4, "breakdown": 1, "plot_breakdown": 1, **AFTER_BREAKDOWN,
+                               "all": 1}, out[-3000:]
     assert "output: inputs/prompts/long.json" in out and "output: inputs/prompts/short.json" not in out
     assert out.count("reason: Params have changed since last execution") == 1, out[-3000:]  # the prompt job
     assert measure_wildcards(out) == sorted(cid for cid in CONFIG_IDS if "__long__" in cid)
@@ -317,7 +372,7 @@ def test_changing_timed_runs_reruns_all_measurements(wf, breakdown):
     assert rc == 0, out[-3000:]
     # the profile jobs do not depend on the timed-run count; the breakdown compares against the timed runs
     assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "breakdown": 1, "plot_breakdown": 1,
-                               "all": 1}, out[-3000:]
+                               **AFTER_BREAKDOWN, "all": 1}, out[-3000:]
     assert measure_wildcards(out) == sorted(CONFIG_IDS)
     assert out.count("reason: Params have changed since last execution") == 8, out[-3000:]
 
@@ -389,9 +444,11 @@ def test_gpu_plan_on_a_cpu_machine(empty_dir):
     assert rc == 0, out[-3000:]
     counts = job_counts(out)
     assert counts["measure"] == 8 and counts["profile"] == 8, out[-3000:]
+    assert counts["calibrate"] == 1 and counts["flop_check"] == 2, out[-3000:]
+    assert "results/molmoe-1b_cuda_bfloat16/calibrate.json" in out
     assert "results/molmoe-1b_cuda_bfloat16/measure/" in out  # model auto -> molmoe-1b, dtype auto -> bf16
     assert "molmoe-1b-tiny" not in out
-    assert out.count("gpu=1") >= 16  # every measure and profile job asks for one GPU
+    assert out.count("gpu=1") == 19  # every measure, profile, calibrate and flop_check job asks for one GPU
 
 
 # --- sweep axes (issue 7): variants in the plan -----------------------------------------------------------
@@ -418,6 +475,7 @@ def test_cuda_graph_variants_are_measured_not_profiled(empty_dir):
     assert rc == 0, out[-3000:]
     counts = job_counts(out)
     assert counts["measure"] == 16 and counts["profile"] == 8, out[-3000:]
+    assert counts["flop_check"] == 2, out[-3000:]  # FLOPs are counted on eager decode: one check per image
     assert "sdpa.grouped_mm.cuda_graph.k8.c12" in out
 
 

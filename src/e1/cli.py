@@ -1,5 +1,5 @@
 """Command line: `e1 describe | image | prompt | measure | aggregate | plot-stack | profile | parse-trace |
-breakdown | plot-breakdown`."""
+breakdown | plot-breakdown | calibrate | flop-check | flops-vs-latency | plot-flops | plot-scaling | findings`."""
 
 from __future__ import annotations
 
@@ -85,6 +85,46 @@ def _plot_breakdown(a: argparse.Namespace) -> None:
     plot_breakdown(a.breakdown, a.out)
 
 
+def _calibrate(a: argparse.Namespace) -> None:
+    job = _gpu_job(a.job)
+    if set(job) != {"device", "dtype"}:
+        raise ValueError(f"calibrate job {job}: needs exactly the keys 'device' and 'dtype'")
+    from e1.calibrate import calibrate
+
+    calibrate(job["device"], job["dtype"], a.out)
+
+
+def _flop_check(a: argparse.Namespace) -> None:
+    spec = _gpu_job(a.spec)
+    from e1.flopcheck import flop_check
+
+    flop_check(spec, a.out)
+
+
+def _flops_vs_latency(a: argparse.Namespace) -> None:
+    from e1.flops_vs_latency import build
+
+    build(a.breakdown, a.calibrate, a.flop_checks, a.out)
+
+
+def _plot_flops(a: argparse.Namespace) -> None:
+    from e1.plots.flops import plot_flops
+
+    plot_flops(a.flops, a.out)
+
+
+def _plot_scaling(a: argparse.Namespace) -> None:
+    from e1.plots.scaling import plot_scaling
+
+    plot_scaling(a.breakdown, a.parquets, a.out)
+
+
+def _findings(a: argparse.Namespace) -> None:
+    from e1.findings import findings
+
+    findings(a.breakdown, a.flops, a.components, a.out_md, a.out_json)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="e1", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +191,42 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("--breakdown", required=True)
     pb.add_argument("--out", required=True)
     pb.set_defaults(func=_plot_breakdown)
+
+    c = sub.add_parser("calibrate", help="measured matmul TFLOP/s and copy bandwidth of the device (roofline)")
+    c.add_argument("--job", required=True, help='JSON: {"device", "dtype"}')
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=_calibrate)
+
+    fc = sub.add_parser("flop-check", help="analytic FLOPs vs torch's FlopCounterMode on the stage calls")
+    fc.add_argument("--spec", required=True, help="JSON object: model, device, dtype, weights, seed, image, prompt")
+    fc.add_argument("--out", required=True)
+    fc.set_defaults(func=_flop_check)
+
+    fl = sub.add_parser("flops-vs-latency", help="FLOPs, bytes, roofline and measured latency per stage (JSON)")
+    fl.add_argument("--breakdown", required=True, help="e1_stage_latency_breakdown.json")
+    fl.add_argument("--calibrate", required=True, help="the run's calibrate.json")
+    fl.add_argument("--flop-checks", nargs="*", default=[], help="flop-check JSONs")
+    fl.add_argument("--out", required=True)
+    fl.set_defaults(func=_flops_vs_latency)
+
+    pf = sub.add_parser("plot-flops", help="FLOPs vs latency scatter with roofline")
+    pf.add_argument("--flops", required=True, help="e1_flops_vs_latency.json")
+    pf.add_argument("--out", required=True)
+    pf.set_defaults(func=_plot_flops)
+
+    ps = sub.add_parser("plot-scaling", help="prefill/decode scaling curves and per-step decode latency")
+    ps.add_argument("--breakdown", required=True)
+    ps.add_argument("--parquets", nargs="+", required=True, help="per-configuration measure Parquet files")
+    ps.add_argument("--out", required=True)
+    ps.set_defaults(func=_plot_scaling)
+
+    fd = sub.add_parser("findings", help="the study's key questions and expected findings, from this run")
+    fd.add_argument("--breakdown", required=True, help="e1_stage_latency_breakdown.json")
+    fd.add_argument("--flops", required=True, help="e1_flops_vs_latency.json")
+    fd.add_argument("--components", nargs="?", help="e1_attention_ffn_breakdown.json (absent: nothing profiled)")
+    fd.add_argument("--out-md", required=True)
+    fd.add_argument("--out-json", required=True)
+    fd.set_defaults(func=_findings)
     return p
 
 

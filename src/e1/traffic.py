@@ -75,10 +75,18 @@ def stage_bytes(arch: Arch, counts: dict, dtype_bytes: int = 2,
             "kv_cache": t * kv_per_token * b,  # written
             "activations": (pooled * d + 2 * layers * t * d) * b,
         },
-        "decode_first_step": {
-            "weights": (layers * (_llm_dense_per_layer(arch) + a["top_k"] * _expert_params(arch)) + d + head) * b,
-            "kv_cache": (t + 1) * kv_per_token * b,  # read the context, write one position
-            "activations": 2 * layers * d * b,
-        },
+        "decode_first_step": decode_step(arch, t, dtype_bytes),
     }
     return {name: {**parts, "total": sum(parts.values())} for name, parts in stages.items()}
+
+
+def decode_step(arch: Arch, context: int, dtype_bytes: int = 2) -> dict[str, int]:
+    """One decode step whose cache already holds `context` positions: weights, kv_cache, activations."""
+    a = arch.llm
+    d, layers, b = a["hidden_size"], a["num_layers"], dtype_bytes
+    head = d * a["vocab_size"] + d  # lm_head + final norm
+    return {
+        "weights": (layers * (_llm_dense_per_layer(arch) + a["top_k"] * _expert_params(arch)) + d + head) * b,
+        "kv_cache": (context + 1) * 2 * layers * d * b,  # read the context (K and V of every layer), write one
+        "activations": 2 * layers * d * b,
+    }

@@ -121,10 +121,10 @@ CODE_MEASURE = code(
     "gpus.py",
 )
 CODE_AGGREGATE = code("aggregate.py")
-CODE_PLOT_STACK = code("plots/stack.py")
+CODE_PLOT_STACK = code("plots/stack.py", "plots/common.py")
 CODE_PROFILE = CODE_MEASURE + code("profiling.py", "components.py")
 CODE_PARSE = code("trace.py", "breakdown.py", "components.py")
-CODE_PLOT_BREAKDOWN = code("plots/breakdown.py")
+CODE_PLOT_BREAKDOWN = code("plots/breakdown.py", "plots/common.py")
 
 
 def measure_path(ext):
@@ -175,3 +175,45 @@ def profile_spec(wildcards):
                 max_decode_steps=config["profile"]["max_decode_steps"])
     del spec["timed"]
     return json.dumps(spec, sort_keys=True)
+
+
+# --- FLOPs, roofline, scaling, findings (workflow/rules/flops.smk) ------------------------------------
+CODE_CALIBRATE = code("calibrate.py", "measure.py", "envinfo.py", "gpus.py", "model/build.py")
+CODE_FLOPCHECK = CODE_MEASURE + code("flopcheck.py", "flops.py")
+CODE_FLOPS_VS_LATENCY = code("flops_vs_latency.py", "flops.py", "traffic.py", "correlation.py", "arch.py",
+                             f"archs/{MODEL}.json")
+CODE_PLOT_FLOPS = code("plots/flops.py", "plots/common.py")
+CODE_PLOT_SCALING = code("plots/scaling.py", "plots/common.py")
+CODE_FINDINGS = code("findings.py")
+FIRST_PROMPT = next(iter(PROMPTS))  # the flop check runs once per image and variant, with the first prompt
+# FlopCounterMode sees eager decode only (a graph replay hides its ops): one check per eager-decode variant.
+FLOPCHECK_VARIANTS = {variant_name(k): k for k in ({**v, "decode_backend": "eager"} for v in VARIANTS.values())}
+
+
+def calibrate_params(wildcards):
+    """The calibration job's device and dtype (JSON)."""
+    return json.dumps({"device": DEVICE, "dtype": DTYPE}, sort_keys=True)
+
+
+def flopcheck_spec(wildcards):
+    """One dict per flop-check job (JSON): the model, knobs and inputs of a measure job, no timing protocol."""
+    return json.dumps({
+        "model": MODEL, "device": DEVICE, "dtype": DTYPE, "weights": config["weights"], "seed": config["seed"],
+        "variant": wildcards.variant, **FLOPCHECK_VARIANTS[wildcards.variant],
+        "image": wildcards.image, "image_path": f"inputs/images/{wildcards.image}.png",
+        "prompt": wildcards.prompt, "prompt_path": f"inputs/prompts/{wildcards.prompt}.json",
+    }, sort_keys=True)
+
+
+def all_flopchecks(wildcards):
+    return [f"results/{RUN}/flopcheck/{image}__{FIRST_PROMPT}__{variant}.json"
+            for image in config["images"] for variant in FLOPCHECK_VARIANTS]
+
+
+def findings_components(wildcards):
+    """The profiler breakdown, when any variant is profiled (eager decode); none otherwise."""
+    return ["results/e1_attention_ffn_breakdown.json"] if PROFILE_IDS else []
+
+
+def all_parquets(wildcards):
+    return [f"results/{RUN}/measure/{cid}.parquet" for cid in CONFIG_IDS]

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from e1.plots.common import save, title_for  # noqa: E402
+
 PARTS = ("attention", "FFN / MoE experts", "MoE router", "other", "idle")
 COLORS = {"attention": "#4C72B0", "FFN / MoE experts": "#C44E52", "MoE router": "#DD8452", "other": "#8C8C8C",
           "idle": "#FFFFFF"}
@@ -58,15 +60,10 @@ def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
     axes[1].set_ylim(0, 100)
     axes[1].set_xticks(x)
     axes[1].set_xticklabels(labels, rotation=90, fontsize=6)
-    title = "E1: inside the LLM stages — attention vs MoE experts vs router, and device idle time"
-    if meta["model"] != "molmoe-1b":
-        title += f"\n{meta['model']}: scaled-down stand-in, not MolmoE-1B timings"
-    fig.suptitle(title, fontsize=12)
+    fig.suptitle(title_for("E1: inside the LLM stages — attention vs MoE experts vs router, and device idle time",
+                           meta["model"], "\n"), fontsize=12)
     axes[0].set_title(f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · "
                       f"torch.profiler device time, per-token decode over the profiled steps\n"
                       f"wall and idle are measured under the profiler, which slows the host: the JSON also "
                       f"gives idle against the un-profiled timed wall (idle_share_timed)", fontsize=8)
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=130)
-    plt.close(fig)
+    save(fig, out_png)

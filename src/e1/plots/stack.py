@@ -12,11 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from e1.inputs import parse_size  # noqa: E402
+from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
 from e1.timing import STAGES  # noqa: E402
-
-COLORS = {"vision_encoder": "#4C72B0", "projector": "#DD8452", "prefill": "#55A868", "decode": "#C44E52"}
-LABELS = {"vision_encoder": "vision encoder", "projector": "projector", "prefill": "LLM prefill",
-          "decode": "LLM decode"}
 
 
 def image_area(size: str) -> int:
@@ -89,13 +86,8 @@ def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
                                      f"pooled, {c0['counts']['inserted_features']} in LLM")
         ax_ms.annotate(f"{image}{counts}", xy=(np.mean(xs), 1.0),
                        xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
-    title = "E1: where MolmoE inference time goes, by stage"
-    if meta["model"] != "molmoe-1b":
-        title += f"\n{meta['model']}: scaled-down stand-in, not MolmoE-1B timings"
-    fig.suptitle(title, fontsize=13, y=0.995)
+    fig.suptitle(title_for("E1: where MolmoE inference time goes, by stage", meta["model"], "\n"), fontsize=13,
+                 y=0.995)
     ax_ms.set_title(subtitle(meta, configs) + "\nN new tokens = 1 prefill + N−1 decode steps; image preprocessing (CPU) "
                     "not shown", fontsize=8, pad=16)
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=130)
-    plt.close(fig)
+    save(fig, out_png)

@@ -1,0 +1,255 @@
+"""The study's four key questions answered, and its five expected findings judged, from one run's data.
+
+Inputs: the stage latency breakdown (timed runs), the FLOPs-vs-latency JSON (analytic FLOPs/bytes, roofline)
+and the attention/FFN breakdown (profiler). Every verdict states its criterion; the thresholds are below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable
+
+STAGES = ("vision_encoder", "projector", "prefill", "decode")
+HOLDS, FAILS = 0.8, 0.2  # share of the regime's configurations in which the condition is true
+R2_WEAK, R2_STRONG = 0.5, 0.8  # log-log R² of latency on FLOPs: below WEAK = weak, at or above STRONG = strong
+GROUPS = ("attention", "FFN / MoE experts", "MoE router", "other")  # e1.breakdown's component groups
+RULE = (f"holds if the condition is true in >= {HOLDS:.0%} of the configurations of the regime, does not hold "
+        f"if in <= {FAILS:.0%}, mixed otherwise")
+
+
+def verdict(fraction: float | None) -> str:
+    if fraction is None:
+        return "not measured"
+    return "holds" if fraction >= HOLDS else "does not hold" if fraction <= FAILS else "mixed"
+
+
+def shares(row: dict[str, Any]) -> dict[str, float]:
+    """Each stage's share of the four stages' summed median latency."""
+    ms = {s: row["stages"][s]["median_ms"] for s in STAGES}
+    total = sum(ms.values())
+    return {s: v / total for s, v in ms.items()}
+
+
+def dominant(row: dict[str, Any]) -> str:
+    sh = shares(row)
+    return max(sh, key=sh.get)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _num(v: float | None) -> str:
+    return "undefined" if v is None else f"{v:.3f}"
+
+
+def _range(values: list[float]) -> str:
+    return f"{_pct(min(values))}–{_pct(max(values))}" if values else "n/a"
+
+
+def _fraction(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def q1_dominant(configs: list[dict]) -> dict[str, Any]:
+    counts = {s: sum(dominant(c) == s for c in configs) for s in STAGES}
+    top = max(counts, key=counts.get)
+    top_shares = [shares(c)[top] for c in configs if dominant(c) == top]
+    others = [f"{s} in {n}" for s, n in counts.items() if s != top and n]
+    text = (f"{top} is the largest of the four stages in {counts[top]} of {len(configs)} configurations "
+            f"(its share of the four stages' summed median latency there: {_range(top_shares)})"
+            + (f"; another stage is largest: {', '.join(others)}" if others else ""))
+    return {"dominant_counts": counts, "by_config": {c["id"]: {"dominant": dominant(c), "shares": shares(c)}
+                                                      for c in configs}, "text": text}
+
+
+def llm_groups(components: list[dict], stage: str) -> dict[str, dict[str, float]]:
+    """Per profiled configuration: each component group's share of the stage's busy device time."""
+    out = {}
+    for c in components:
+        g = c["stages"][stage]["groups_ms"]
+        busy = sum(g.values())
+        out[c["id"]] = {k: g.get(k, 0.0) / busy for k in GROUPS} if busy > 0 else {}
+    return out
+
+
+def q2_components(components: list[dict]) -> dict[str, Any]:
+    result, parts = {}, []
+    for stage in ("prefill", "decode_per_token"):
+        by = {cid: g for cid, g in llm_groups(components, stage).items() if g}
+        if not by:
+            continue
+        leaders = {cid: max(g, key=g.get) for cid, g in by.items()}
+        idle = [c["stages"][stage]["idle_share_timed"] for c in components if c["id"] in by]
+        result[stage] = {"shares": by, "leader": leaders, "idle_share_timed": idle}
+        ranges = ", ".join(f"{k} {_range([g[k] for g in by.values()])}" for k in GROUPS)
+        parts.append(f"{stage}: largest group per configuration {sorted(set(leaders.values()))}; shares of busy "
+                     f"device time: {ranges}; device idle during the timed {stage} (1 − busy/timed): {_range(idle)}")
+    result["text"] = ("; ".join(parts) + f" ({len(components)} profiled configurations)") if parts else \
+        "no profiled configuration"
+    return result
+
+
+def mean_shares(configs: list[dict], key: Callable[[dict], Any]) -> dict[Any, dict[str, float]]:
+    """Mean stage shares per value of key(config), in key order."""
+    groups: dict[Any, list[dict]] = {}
+    for c in configs:
+        groups.setdefault(key(c), []).append(shares(c))
+    return {k: {s: sum(x[s] for x in v) / len(v) for s in STAGES} for k, v in sorted(groups.items())}
+
+
+def q3_regimes(configs: list[dict]) -> dict[str, Any]:
+    by_crops = mean_shares(configs, lambda c: c["counts"]["vit_crops"])
+    by_n = mean_shares(configs, lambda c: c["decode_tokens"])
+    regimes = {f"{c['image']} / N={c['decode_tokens']}": dominant(c) for c in configs}
+    text = ("mean share of prefill by ViT crops: " + ", ".join(f"{k} crops {_pct(v['prefill'])}" for k, v in
+                                                                by_crops.items())
+            + "; mean share of decode by new tokens N: " + ", ".join(f"N={k} {_pct(v['decode'])}" for k, v in
+                                                                     by_n.items())
+            + f"; largest stage changes with the regime: {'yes' if len(set(regimes.values())) > 1 else 'no'} "
+              f"({sorted(set(regimes.values()))})")
+    return {"shares_by_vit_crops": by_crops, "shares_by_decode_tokens": by_n, "dominant_by_regime": regimes,
+            "text": text}
+
+
+def q4_flops(fl: dict[str, Any]) -> dict[str, Any]:
+    f, b, r = fl["fits"]["flops"], fl["fits"]["bytes"], fl["fits"]["roofline"]
+    eff_by = {s: [p["efficiency"] for p in fl["points"] if p["stage"] == s and p["efficiency"] is not None]
+              for s in STAGES}
+    eff = {s: median(v) for s, v in eff_by.items() if v}
+    bound = {s: sum(p["bound"] == "memory" for p in fl["points"] if p["stage"] == s) for s in eff}
+    inv = fl["inversions"]
+    text = (f"log-log least squares of median latency on analytic FLOPs over {f['n']} (configuration, stage) points: "
+            f"R² = {_num(f['r2'])}, Spearman ρ = {_num(f['spearman_rho'])}; on analytic bytes: R² = {_num(b['r2'])}, "
+            f"ρ = {_num(b['spearman_rho'])}; on roofline time: R² = {_num(r['r2'])}. Median efficiency (roofline "
+            "time / measured): " + ", ".join(f"{s} {_pct(v)}" for s, v in eff.items())
+            + f". {len(inv)} stage pairs within a configuration run faster despite more FLOPs")
+    if inv:
+        i = inv[0]
+        text += (f"; largest: {i['id']}, {i['more_flops']} {i['more_flops_gflop']:.4g} GFLOP in "
+                 f"{i['more_flops_ms']:.3g} ms vs {i['less_flops']} {i['less_flops_gflop']:.4g} GFLOP in "
+                 f"{i['less_flops_ms']:.3g} ms")
+    spread = fl["equal_flops_spread"]
+    if spread:
+        top = max(spread, key=lambda x: x["ratio"] or 0)
+        text += (f". Equal FLOPs, different implementation: up to {top['ratio']:.2f}× latency spread "
+                 f"({top['stage']}, {top['image']}, N={top['decode_tokens']})")
+    return {"fits": fl["fits"], "median_efficiency": eff, "memory_bound_points": bound, "inversions": len(inv),
+            "largest_inversion": inv[0] if inv else None, "text": text + "."}
+
+
+def expected(configs: list[dict], components: list[dict], fl: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    crops = max(c["counts"]["vit_crops"] for c in configs)
+    high = [c for c in configs if c["counts"]["vit_crops"] == crops]
+    frac = _fraction([dominant(c) == "prefill" for c in high])
+    pre_share = [c["stages"]["prefill"]["median_ms"] / sum(c["stages"][s]["median_ms"] for s in STAGES[:3])
+                 for c in high]
+    out.append({"finding": "Prefill dominates for high vision token counts",
+                "criterion": f"prefill is the largest of the four stages (median latency) in the configurations with "
+                             f"the most ViT crops ({crops}); {RULE}",
+                "fraction": frac, "verdict": verdict(frac),
+                "evidence": f"prefill largest in {sum(dominant(c) == 'prefill' for c in high)} of {len(high)}; "
+                            f"prefill share of all four stages {_range([shares(c)['prefill'] for c in high])}; "
+                            f"of the time before decode (vision + projector + prefill) {_range(pre_share)}"})
+    n_max = max(c["decode_tokens"] for c in configs)
+    long_ = [c for c in configs if c["decode_tokens"] == n_max]
+    frac = _fraction([dominant(c) == "decode" for c in long_])
+    out.append({"finding": "Decode dominates for long generation tasks",
+                "criterion": f"decode is the largest of the four stages in the configurations with the most new "
+                             f"tokens (N = {n_max}); {RULE}",
+                "fraction": frac, "verdict": verdict(frac),
+                "evidence": f"decode largest in {sum(dominant(c) == 'decode' for c in long_)} of {len(long_)}; "
+                            f"decode share {_range([shares(c)['decode'] for c in long_])}"})
+    pre = {cid: g for cid, g in llm_groups(components, "prefill").items() if g}
+    tokens = {c["id"]: c["counts"]["prefill_tokens"] for c in components}
+    cut = median(tokens[cid] for cid in pre) if pre else 0
+    longest = {cid: g for cid, g in pre.items() if tokens[cid] >= cut}
+    frac = _fraction([max(g, key=g.get) == "attention" for g in longest.values()])
+    out.append({"finding": "Attention dominates in prefill for long sequences (O(n²))",
+                "criterion": f"attention is the largest component group of prefill busy device time (groups: "
+                             f"{', '.join(GROUPS)}) in the profiled configurations with at least the median profiled "
+                             f"prefill length ({cut:g} tokens); {RULE}",
+                "fraction": frac, "verdict": verdict(frac),
+                "evidence": "; ".join(f"{cid}: attention {_pct(g['attention'])}, FFN / MoE experts "
+                                      f"{_pct(g['FFN / MoE experts'])}" for cid, g in longest.items()) or "not profiled"})
+    dec = {cid: g for cid, g in llm_groups(components, "decode_per_token").items() if g}
+    ffn = {cid: g["FFN / MoE experts"] + g["MoE router"] for cid, g in dec.items()}
+    frac = _fraction([ffn[cid] > max(g["attention"], g["other"]) for cid, g in dec.items()])
+    out.append({"finding": "FFN/MoE dominates in decode (per-token computation)",
+                "criterion": f"MoE experts + router take more busy device time per decoded token than attention and "
+                             f"than the other components, in each profiled configuration; {RULE}",
+                "fraction": frac, "verdict": verdict(frac),
+                "evidence": "; ".join(f"{cid}: experts + router {_pct(ffn[cid])}, attention {_pct(g['attention'])}"
+                                      for cid, g in dec.items()) or "not profiled"})
+    r2 = fl["fits"]["flops"]["r2"]
+    v = "not measured" if r2 is None else "holds" if r2 < R2_WEAK else "does not hold" if r2 >= R2_STRONG else "mixed"
+    out.append({"finding": "FLOPs correlation with latency is weak",
+                "criterion": f"R² of the log-log least-squares fit of median latency on analytic FLOPs over all "
+                             f"(configuration, stage) points: holds if < {R2_WEAK}, does not hold if >= {R2_STRONG}, "
+                             "mixed otherwise; the listed causes (memory access, utilisation, parallelism, caches) are "
+                             "not tested one by one",
+                "fraction": None, "verdict": v, "evidence": q4_flops(fl)["text"].removesuffix(".")})
+    return out
+
+
+def _check_same_run(meta: dict[str, Any], other: dict[str, Any], what: str) -> None:
+    diff = {k: (meta[k], other.get(k)) for k in ("model", "device_type", "dtype") if other.get(k) != meta[k]}
+    if diff:
+        raise ValueError(f"{what} comes from a different run than the latency breakdown: {diff}")
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["meta"]
+    lines = ["# E1 findings", "",
+             f"Run: {m['model']} on {m['device']} ({m['device_type']}), {m['dtype']}, {m['weights']} weights, "
+             f"torch {m['torch']}; {m['protocol']['timed']} timed runs after {m['protocol']['warmup']} warm-up, "
+             f"batch size 1. Knobs (all configurations pooled): {'; '.join(m['knobs'])}.", "",
+             "Conventions: " + "; ".join(m["conventions"].values()), ""]
+    if m["model"] != "molmoe-1b":
+        lines += [f"**{m['model']} is a scaled-down stand-in: these numbers are not MolmoE-1B's.**", ""]
+    lines += ["## Key questions", ""]
+    titles = ("Which stages dominate end-to-end latency?", "Within the LLM stages, which sub-components dominate?",
+              "How does stage dominance change across input regimes?", "Why do FLOPs not predict latency?")
+    for i, (title, q) in enumerate(zip(titles, result["questions"].values()), 1):
+        lines += [f"{i}. **{title}** {q['text']}", ""]
+    lines += ["## Expected findings", ""]
+    for i, f in enumerate(result["expected_findings"], 1):
+        lines += [f"{i}. **{f['finding']}: {f['verdict']}.** Criterion: {f['criterion']}. Evidence: {f['evidence']}.",
+                  ""]
+    return "\n".join(lines)
+
+
+def findings(breakdown_json: str | Path, flops_json: str | Path, components_json: str | Path | None,
+             out_md: str | Path, out_json: str | Path) -> dict[str, Any]:
+    """Answer the questions and judge the expectations; write Markdown and JSON.
+
+    components_json None: nothing was profiled (e.g. every variant decodes with CUDA graphs); the component
+    questions and findings are then reported as not measured.
+    """
+    bd = json.loads(Path(breakdown_json).read_text())
+    fl = json.loads(Path(flops_json).read_text())
+    comp = json.loads(Path(components_json).read_text()) if components_json else \
+        {"meta": {**bd["meta"], "convention": "nothing profiled"}, "configs": []}
+    meta, configs = bd["meta"], bd["configs"]
+    if not configs:
+        raise ValueError(f"{breakdown_json} has no configurations")
+    _check_same_run(meta, fl["meta"], f"FLOPs vs latency {flops_json}")
+    _check_same_run(meta, comp["meta"], f"component breakdown {components_json}")
+    result = {
+        "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "torch", "protocol")},
+                 "knobs": sorted({", ".join(f"{k}={v}" for k, v in p["knobs"].items()) for p in fl["points"]}),
+                 "conventions": {"timing": meta["convention"], "components": comp["meta"]["convention"],
+                                 "flops": fl["meta"]["convention"],
+                                 "shares": "a stage's share = its median latency / the sum of the four stages' "
+                                           "medians; 'dominates' = the largest share"}},
+        "questions": {"q1_dominant_stage": q1_dominant(configs), "q2_llm_components": q2_components(comp["configs"]),
+                      "q3_regimes": q3_regimes(configs), "q4_flops": q4_flops(fl)},
+        "expected_findings": expected(configs, comp["configs"], fl),
+    }
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
+    Path(out_md).write_text(render(result) + "\n")
+    return result

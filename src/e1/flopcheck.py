@@ -1,0 +1,123 @@
+"""Cross-check of e1.flops against torch's FlopCounterMode on the real stage calls of one configuration.
+
+Per stage (vision encoder, projector, prefill, first decode step): analytic FLOPs, counted FLOPs, their
+ratio, the counted FLOPs by op, and the matrix-product ops that ran but that FlopCounterMode has no formula
+for (it counts them as zero: e.g. aten._grouped_mm, the MoE experts on the default path, and the CPU
+scaled-dot-product attention). The ops that ran are recorded by a TorchDispatchMode placed outside the
+counter, so it sees the ops the counter decomposes composite calls into.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from e1 import flops
+from e1.arch import Arch
+from e1.measure import build_for, prepare, resolve_device, resolve_knobs
+from e1.model.molmoe import MolmoE
+from e1.preprocess import load_image
+from e1.timing import StageInputs
+
+# Ops whose name says they multiply matrices (matmul, conv, attention, dot products): arithmetic the
+# analytic convention counts. Elementwise ops are not matrix products and are left out on purpose.
+CONTRACTION = re.compile(r"mm|conv|attention|matmul|linear|einsum|dot")
+REQUIRED = ("model", "device", "dtype", "weights", "seed", "image", "image_path", "prompt", "prompt_path")
+CONVENTION = ("analytic: e1.flops (2 per multiply-add, matrix products only, causal prefill attention, top-k "
+              "experts); counted: torch.utils.flop_counter.FlopCounterMode on the same stage call; ratio = "
+              "analytic / counted; zero_counted_ops: matrix-product ops that ran (TorchDispatchMode) without a "
+              "FlopCounterMode formula, with their call counts")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts the ATen ops that reach the dispatcher while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def zero_counted(calls: Counter) -> dict[str, int]:
+    """Matrix-product ops among `calls` that FlopCounterMode has no formula for, with their call counts."""
+    return {str(op): n for op, n in sorted(calls.items(), key=lambda kv: str(kv[0]))
+            if op not in flop_registry and CONTRACTION.search(str(op).removeprefix("aten."))}
+
+
+def count(fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+    """Run fn under an op recorder and FlopCounterMode; returns fn's result and what was counted."""
+    with OpRecorder() as rec, FlopCounterMode(display=False) as fc:
+        out = fn()
+    by_op = {str(op): int(n) for op, n in fc.get_flop_counts().get("Global", {}).items()}
+    return out, {"counted": int(fc.get_total_flops()), "counted_by_op": by_op,
+                 "zero_counted_ops": zero_counted(rec.calls)}
+
+
+def compare(analytic: dict[str, int], counted: dict[str, Any]) -> dict[str, Any]:
+    """One stage's row: analytic components and total, counted, ratio analytic/counted (None if 0 counted)."""
+    total = sum(analytic.values())
+    ratio = total / counted["counted"] if counted["counted"] else None
+    return {"analytic": total, "analytic_components": analytic, **counted, "ratio": ratio}
+
+
+@torch.inference_mode()
+def check_stages(model: MolmoE, arch: Arch, inp: StageInputs, layout: Any) -> dict[str, dict[str, Any]]:
+    """Every stage once, counted; analytic FLOPs from the same counts."""
+    t = int(inp.input_ids.shape[1])
+    feats, vis = count(lambda: model.encode_images(inp.crops))
+    embeds, proj = count(lambda: model.project(feats, inp.patch_masks))
+    (logits, cache), pre = count(lambda: model.prefill(inp.input_ids, embeds, inp.feature_index,
+                                                       inp.token_position))
+    token = logits.argmax(-1, keepdim=True)
+    _, dec = count(lambda: model.decode_step(token, cache))
+    return {
+        "vision_encoder": compare(flops.vision_encoder(arch, layout.vit_crops), vis),
+        "projector": compare(flops.projector(arch, layout.pooled_features), proj),
+        "prefill": compare(flops.prefill(arch, t), pre),
+        "decode_step": compare(flops.decode_step(arch, t), dec),  # the first step: context = prefill tokens
+    }
+
+
+def flop_check(spec: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
+    """Build the model of `spec` with its knobs (as a measure job does), check every stage, write the JSON.
+
+    The decode step runs eagerly whatever the spec's decode_backend: a CUDA-graph replay hides its ops.
+    """
+    missing = [k for k in REQUIRED if k not in spec]
+    if missing:
+        raise ValueError(f"flop-check spec lacks {missing}; required: {list(REQUIRED)}")
+    arch, knobs = resolve_knobs({**spec, "decode_backend": "eager"})
+    device = resolve_device(spec["device"])
+    model = build_for(spec, arch, knobs, device)
+    dtype = next(model.parameters()).dtype
+    prompt = json.loads(Path(spec["prompt_path"]).read_text())
+    inp, layout = prepare(arch, load_image(spec["image_path"]), prompt["text_ids"], device, dtype)
+    stages = check_stages(model, arch, inp, layout)
+    result = {
+        "image": spec["image"],
+        "prompt": spec["prompt"],
+        "variant": spec.get("variant"),
+        "knobs": knobs,
+        "prefill_tokens": int(inp.input_ids.shape[1]),
+        "stages": stages,
+        "zero_counted_ops": sorted({op for s in stages.values() for op in s["zero_counted_ops"]}),
+        "meta": {
+            "model": arch.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "weights": spec["weights"],
+            "torch": torch.__version__,
+            "convention": CONVENTION,
+        },
+    }
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
+    return result

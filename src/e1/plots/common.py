@@ -1,0 +1,28 @@
+"""What every figure shares: the stand-in warning in its title, and how it is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# The four stages, in pipeline order, as every figure colours and names them.
+COLORS = {"vision_encoder": "#4C72B0", "projector": "#DD8452", "prefill": "#55A868", "decode": "#C44E52"}
+LABELS = {"vision_encoder": "vision encoder", "projector": "projector", "prefill": "LLM prefill",
+          "decode": "LLM decode"}
+
+
+def title_for(title: str, model: str, sep: str = " — ") -> str:
+    """`title`, plus a warning when the model is not MolmoE-1B itself."""
+    return title if model == "molmoe-1b" else f"{title}{sep}{model}: scaled-down stand-in, not MolmoE-1B timings"
+
+
+def save(fig: plt.Figure, out_png: str | Path) -> None:
+    """Lay out, write the PNG (130 dpi, parent folders made) and close the figure."""
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=130)
+    plt.close(fig)
