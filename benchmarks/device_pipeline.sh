@@ -11,9 +11,8 @@ OUT=${OUT:-/tmp/e1-out}
 mkdir -p "$OUT"
 name=$1 gpus=$2 configs=$3
 shift 3
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > /dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-  .whl/*.whl > /dev/null 2>&1  # a second run at the same moment may find the first one's files
+[ -d /tmp/site/snakemake ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1  # once per machine: runs started later reuse it
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
 work=/tmp/e1-$name
 mkdir -p "$work"
