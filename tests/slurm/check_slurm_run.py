@@ -3,8 +3,10 @@
 1. Through SLURM: every job snakemake ran (all but the target rule `all`) was submitted with sbatch (the
    plugin's "submitted with SLURM jobid" line), each SLURM job is known to slurmctld (`scontrol show job`
    keeps finished jobs for MinJobAge; its submit RPC is in the slurmctld log), ran to COMPLETED on the
-   node, and carried the profile's resources: the GPU rules (measure, profile) were allocated the fake GPU
-   (gres/gpu=1) and 16000 MB, the CPU rules no GPU; each job has its plugin log under .snakemake/slurm_logs.
+   node, and carried the profile's resources: the GPU rules (measure, profile) asked for and were
+   allocated the fake GPU (TresPerNode=gres:gpu:1, JOB_GRES=gpu:1) and 16000 MB, the CPU rules no GPU;
+   each job has its plugin log under .snakemake/slurm_logs. Snakemake submitted the GPU jobs together
+   (profiles/default's gpu=1 cap did not serialise them) and SLURM ran them one at a time on the one GPU.
 2. Same outputs as the local run of the same grid. "Same" means, and only means:
    - the same files under inputs/, results/ and figures/ (logs/ and .snakemake/ are bookkeeping);
    - inputs/ byte for byte (synthetic image and prompt: deterministic);

@@ -9,13 +9,13 @@
 #      touched): slurm.conf on 127.0.0.1 with free ports, one node with the machine's CPUs and one fake
 #      GPU (gres.conf: Name=gpu File=/dev/null, so jobs that ask for --gres=gpu:1 are scheduled as on a
 #      real GPU cluster and see CUDA_VISIBLE_DEVICES=0);
-#   3. starts munged, slurmctld and slurmd in the foreground of background subshells, recording each PID,
-#      and waits until the node is idle;
+#   3. starts munged, slurmctld and slurmd in the foreground as background jobs, recording each PID, and
+#      waits until the node is idle;
 #   4. runs a small grid (1 image x 1 prompt x 2 decode lengths, device cpu) through
 #      `snakemake --profile profiles/slurm` (profiles/default is loaded with it, as for a user), then the
 #      same grid locally in another directory;
 #   5. tests/slurm/check_slurm_run.py checks that every job went through sbatch with the profile's
-#      resources (GPU rules with gres/gpu=1) and that both runs wrote the same outputs (see that file for
+#      resources (GPU rules given the GPU) and that both runs wrote the same outputs (see that file for
 #      what "same" means);
 #   6. on exit, whatever happened: cancels our jobs and kills every daemon it started, by PID.
 # Every step is bounded in time; on failure the daemon logs and the snakemake output are printed.
