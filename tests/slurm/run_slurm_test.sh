@@ -42,10 +42,19 @@ done
 if [ ${#need[@]} -gt 0 ]; then
   say "missing ${need[*]}: installing slurmctld slurmd slurm-client munge"
   export DEBIAN_FRONTEND=noninteractive
+  # The packages' scripts would start munge and SLURM daemons of their own (on /etc's configuration):
+  # forbid service starts during the install unless the machine already has a policy.
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own_policy=1
+  fi
+  ok=1
   timeout 300 apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 || {
     timeout 300 apt-get update -qq && \
     timeout 300 apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge
-  } || die "apt-get install slurmctld slurmd slurm-client munge failed"
+  } || ok=
+  [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
+  [ -n "$ok" ] || die "apt-get install slurmctld slurmd slurm-client munge failed"
 fi
 say "$(slurmd -V)"
 
