@@ -10,6 +10,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"  # `snakemake --report report.html`: figures/, captions in workflow/report/
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 REPO = Path(workflow.basedir)

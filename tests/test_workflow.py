@@ -498,3 +498,44 @@ def test_impossible_variants_fail_while_planning(tmp_path, overrides, message):
     rc, out = plan(tmp_path / "bad", **overrides)
     assert rc != 0 and message in out, out[-3000:]
     assert "rule measure" not in out
+
+
+# --- the HTML report (snakemake --report) --------------------------------------------------------------
+
+def caption_title(rst: Path) -> str:
+    """The bold first phrase of a caption (**...**), as the report renders it."""
+    m = re.match(r"\*\*(.+?)\*\*", rst.read_text(), re.S)
+    assert m, f"{rst} does not start with a bold title"
+    return " ".join(m.group(1).split())
+
+
+def test_report_has_every_figure_caption_and_the_run_metadata(wf, breakdown):
+    """The self-contained report embeds each figure the run made (byte for byte), its caption, the run
+    metadata JSON and the configured grid; every figure under figures/ needs workflow/report/<name>.rst."""
+    import base64
+    import html
+
+    report = wf["dir"] / "report.html"
+    rc, out, secs = snakemake(wf["dir"], "--report", str(report))
+    print(f"\nreport: {secs:.1f} s")
+    assert rc == 0, out[-3000:]
+    text = report.read_text()
+    flat = " ".join(html.unescape(text).replace("\\n", " ").split())  # captions sit in JSON strings
+    figures = sorted((wf["dir"] / "figures").glob("*.png"))
+    assert {f.name for f in figures} >= {Path(TARGET).name, Path(BREAKDOWN_FIGURE).name}
+    items = [*figures, wf["dir"] / BREAKDOWN]
+    captions = {f.name: REPO / "workflow" / "report" / f"{f.stem}.rst" for f in figures}
+    captions[Path(BREAKDOWN).name] = REPO / "workflow" / "report" / "run_metadata.rst"
+    for item in items:
+        m = re.search(rf"filename={re.escape(item.name)};base64,([A-Za-z0-9+/=]+)", text)
+        assert m, f"{item.name} is not embedded in the report"
+        assert base64.b64decode(m.group(1)) == item.read_bytes(), f"{item.name}: embedded bytes differ"
+        rst = captions[item.name]
+        assert rst.is_file(), f"{item.name} has no caption file {rst}"
+        assert caption_title(rst) in flat, f"caption of {item.name} not in the report"
+    # the workflow description, rendered from the run's config
+    assert "This run's grid (config.yaml): images 336x336, 560x560" in flat
+    assert "short (16 tokens), long (120 tokens)" in flat
+    assert "2, 4 new tokens per request" in flat
+    meta = json.loads((wf["dir"] / BREAKDOWN).read_text())["meta"]
+    assert meta["torch"] and meta["transformers"] and meta["model"] == "molmoe-1b-tiny"

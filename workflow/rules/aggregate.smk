@@ -2,11 +2,13 @@
 
 
 rule aggregate:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         summaries=all_summaries,
         code=CODE_AGGREGATE,
     output:
-        "results/e1_stage_latency_breakdown.json",
+        report("results/e1_stage_latency_breakdown.json", caption="../report/run_metadata.rst", category="Run metadata"),
     log:
         "logs/aggregate.log",
     shell:

@@ -27,8 +27,16 @@ MODEL = config["model"] if config["model"] != "auto" else ("molmoe-1b" if ON_GPU
 DTYPE = config["dtype"] if config["dtype"] != "auto" else ("bfloat16" if ON_GPU else "float32")
 RUN = f"{MODEL}_{DEVICE.replace(':', '')}_{DTYPE}"  # results/<RUN>/: CPU and GPU results never mix
 
-# Rules run the package through its CLI with the interpreter that runs snakemake.
-E1 = f'"{sys.executable}" -m e1'
+def e1_command():
+    """How rules run the package's CLI: with the interpreter that runs snakemake; under `--sdm conda` with
+    the python of the rule's environment (envs/*.yaml, activated by snakemake), importing e1 from this
+    checkout's src/ (the environments do not install the package, so they need no path to the repo)."""
+    if any(m.name == "CONDA" for m in workflow.deployment_settings.deployment_method):
+        return f'env PYTHONPATH="{REPO / "src"}" python -m e1'
+    return f'"{sys.executable}" -m e1'
+
+
+E1 = e1_command()
 
 PROMPTS = config["prompts"]
 ARCH = json.loads((REPO / "src" / "e1" / "archs" / f"{MODEL}.json").read_text())  # shipped top-k, max_crops
@@ -217,3 +225,8 @@ def findings_components(wildcards):
 
 def all_parquets(wildcards):
     return [f"results/{RUN}/measure/{cid}.parquet" for cid in CONFIG_IDS]
+
+
+def figure(name):
+    """figures/<name>.png as an output shown in `snakemake --report`, captioned by workflow/report/<name>.rst."""
+    return report(f"figures/{name}.png", caption=str(REPO / "workflow" / "report" / f"{name}.rst"), category="Figures")

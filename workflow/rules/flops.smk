@@ -2,6 +2,8 @@
 
 
 rule calibrate:
+    conda:
+        "../../envs/gpu.yaml"
     input:
         code=CODE_CALIBRATE,
     output:
@@ -18,6 +20,8 @@ rule calibrate:
 
 
 rule flop_check:
+    conda:
+        "../../envs/gpu.yaml"
     input:
         image="inputs/images/{image}.png",
         prompt="inputs/prompts/{prompt}.json",
@@ -36,6 +40,8 @@ rule flop_check:
 
 
 rule flops_vs_latency:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         breakdown="results/e1_stage_latency_breakdown.json",
         calibrate=f"results/{RUN}/calibrate.json",
@@ -51,11 +57,13 @@ rule flops_vs_latency:
 
 
 rule plot_flops:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         flops="results/e1_flops_vs_latency.json",
         code=CODE_PLOT_FLOPS,
     output:
-        "figures/e1_flops_vs_latency.png",
+        figure("e1_flops_vs_latency"),
     log:
         "logs/plot_flops.log",
     shell:
@@ -63,12 +71,14 @@ rule plot_flops:
 
 
 rule plot_scaling:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         breakdown="results/e1_stage_latency_breakdown.json",
         parquets=all_parquets,
         code=CODE_PLOT_SCALING,
     output:
-        "figures/e1_scaling_curves.png",
+        figure("e1_scaling_curves"),
     log:
         "logs/plot_scaling.log",
     shell:
@@ -76,6 +86,8 @@ rule plot_scaling:
 
 
 rule findings:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         breakdown="results/e1_stage_latency_breakdown.json",
         flops="results/e1_flops_vs_latency.json",

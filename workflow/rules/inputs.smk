@@ -2,6 +2,8 @@
 
 
 rule image:
+    conda:
+        "../../envs/gpu.yaml"
     input:
         code=CODE_IMAGE,
     output:
@@ -15,6 +17,8 @@ rule image:
 
 
 rule prompt:
+    conda:
+        "../../envs/gpu.yaml"
     input:
         code=CODE_PROMPT,
     output:

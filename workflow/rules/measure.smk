@@ -2,6 +2,8 @@
 
 
 rule measure:
+    conda:
+        "../../envs/gpu.yaml"
     input:
         image="inputs/images/{image}.png",
         prompt="inputs/prompts/{prompt}.json",

@@ -2,11 +2,13 @@
 
 
 rule plot_stack:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         breakdown="results/e1_stage_latency_breakdown.json",
         code=CODE_PLOT_STACK,
     output:
-        "figures/e1_stage_stack_plot.png",
+        figure("e1_stage_stack_plot"),
     log:
         "logs/plot_stack.log",
     shell:
@@ -14,11 +16,13 @@ rule plot_stack:
 
 
 rule plot_breakdown:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         breakdown="results/e1_attention_ffn_breakdown.json",
         code=CODE_PLOT_BREAKDOWN,
     output:
-        "figures/e1_attention_ffn_breakdown.png",
+        figure("e1_attention_ffn_breakdown"),
     log:
         "logs/plot_breakdown.log",
     shell:

@@ -2,6 +2,8 @@
 
 
 rule profile:
+    conda:
+        "../../envs/gpu.yaml"
     input:
         image="inputs/images/{image}.png",
         prompt="inputs/prompts/{prompt}.json",
@@ -23,6 +25,8 @@ rule profile:
 
 
 rule parse_trace:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         trace=profile_path("trace.json.gz"),
         summary=profile_path("json"),
@@ -40,6 +44,8 @@ rule parse_trace:
 
 
 rule breakdown:
+    conda:
+        "../../envs/analysis.yaml"
     input:
         summaries=all_breakdowns,
         measured=profiled_summaries,
