@@ -180,6 +180,14 @@ def test_build_fits_spread_and_checks(reference, tmp_path):
     assert set(spread) == {"vision_encoder", "projector", "prefill", "decode"}
     assert spread["prefill"]["ratio"] == pytest.approx(2.0) and spread["prefill"]["n_rows"] == 2
     assert spread["prefill"]["slowest"]["attn_implementation"] == "eager"
+    # decode roofline: one row per decode point, ms per token against its memory floor
+    decode = [p for p in out["points"] if p["stage"] == "decode" and p.get("per_step")]
+    assert len(out["decode_roofline"]) == len(decode)
+    for r in out["decode_roofline"]:
+        p = next(p for p in decode if (p["id"], p["knobs"]) == (r["id"], r["knobs"]))
+        assert r["ms_per_token"] == p["per_step"]["measured_median_ms"]
+        assert r["floor_ms"] == pytest.approx(p["per_step"]["bytes_mean"] / (CAL["copy_gbps"] * 1e6))
+        assert r["times_floor"] == pytest.approx(r["ms_per_token"] / r["floor_ms"]) and r["times_floor"] > 1
     with pytest.raises(ValueError, match="different run.*dtype"):
         build(bd, _write(tmp_path, "cal_fp32.json", {**CAL, "dtype": "float32"}), [], tmp_path / "x.json")
 

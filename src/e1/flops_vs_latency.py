@@ -134,6 +134,15 @@ def equal_flops_spread(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return spread
 
 
+def decode_roofline(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measured ms per decode token next to its floor, the per-step roofline time (decode is memory-bound:
+    analytic bytes per step -- active weights, KV cache, activations -- / measured copy bandwidth)."""
+    rows = [{"id": p["id"], "variant": p["variant"], "knobs": p["knobs"], "ms_per_token": s["measured_median_ms"],
+             "floor_ms": s["roofline_ms"], "bound": s["bound"], "times_floor": s["measured_median_ms"] / s["roofline_ms"]}
+            for p in points if p["stage"] == "decode" and (s := p.get("per_step"))]
+    return sorted(rows, key=lambda r: (r["variant"] or "", r["id"]))
+
+
 def fits(points: list[dict[str, Any]]) -> dict[str, Any]:
     """How well FLOPs, bytes and the roofline time predict measured latency (all points)."""
     ms = [p["measured_ms"] for p in points]
@@ -173,6 +182,7 @@ def build(breakdown_json: str | Path, calibrate_json: str | Path, flopcheck_json
         "fits": fits(points),
         "inversions": inversions(points),
         "equal_flops_spread": equal_flops_spread(points),
+        "decode_roofline": decode_roofline(points),
         "flop_check": checks,
         "points": points,
     }

@@ -61,6 +61,14 @@ def _scatter(ax, points: list[dict], data: dict) -> None:
                 f"in {inv['less_flops_ms']:.3g} ms: {inv['flops_ratio']:.0f}× the FLOPs, "
                 f"{inv['latency_ratio']:.0f}× less time (circled)",
                 transform=ax.transAxes, va="top", fontsize=8, color="#8B0000")
+    if data["equal_flops_spread"]:  # same work, different execution: points stacked at one x
+        top = max(data["equal_flops_spread"], key=lambda x: x["ratio"] or 0)
+        impl = ", ".join(f"{k.split('_')[0]} {top['slowest'][k]}" for k in top["slowest"])
+        fast = ", ".join(f"{k.split('_')[0]} {top['fastest'][k]}" for k in top["fastest"])
+        ax.text(0.02, 0.745, f"equal FLOPs, different implementation: up to {top['ratio']:.1f}× latency "
+                f"({LABELS[top['stage']]}, {top['image']} {top['prompt']} N={top['decode_tokens']}):\n"
+                f"{top['max_ms']:.3g} ms with {impl}; {top['min_ms']:.3g} ms with {fast}",
+                transform=ax.transAxes, va="top", fontsize=8, color="#1F4E79")
 
 
 def _efficiency(ax, points: list[dict]) -> None:
