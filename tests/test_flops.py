@@ -91,7 +91,7 @@ def test_weight_bytes_match_parameter_counts():
     from e1.describe import param_counts
 
     arch = load_arch("molmoe-1b")
-    p = param_counts("molmoe-1b")
+    p = param_counts(arch)
     d, t = 2048, 1221
     counts = {"vit_crops": 13, "pooled_features": 1872, "prefill_tokens": t}
     by = traffic.stage_bytes(arch, counts, dtype_bytes=2)
@@ -119,3 +119,17 @@ def test_describe_reports_stage_bytes():
     step = d["bytes"]["decode_first_step"]
     assert 2.3e9 < step["weights"] < 2.4e9
     assert d["flops"]["decode_first_step"]["total"] / step["total"] < 2
+
+
+def test_describe_applies_the_knobs():
+    """top-k and max_crops change the counts, FLOPs and active parameters a user sees before running."""
+    base = describe("molmoe-1b", "1008x784", 16, 16)
+    knob = describe("molmoe-1b", "1008x784", 16, 16, moe_top_k=1, max_crops=4)
+    assert (base["moe_top_k"], base["max_crops"], knob["moe_top_k"], knob["max_crops"]) == (8, 12, 1, 4)
+    assert (base["vision"]["vit_crops"], knob["vision"]["vit_crops"]) == (13, 5)  # 2x2 tiles + global
+    per_expert = 3 * 2048 * 1024
+    assert base["params"]["llm_active_per_token"] - knob["params"]["llm_active_per_token"] == 16 * 7 * per_expert
+    assert base["params"]["total"] == knob["params"]["total"]  # the knobs change work, not the weights
+    assert knob["flops"]["decode_first_step"]["total"] < base["flops"]["decode_first_step"]["total"]
+    with pytest.raises(ValueError, match="moe_top_k 99; allowed: an integer from 1 to 64"):
+        describe("molmoe-1b", "1008x784", 16, moe_top_k=99)

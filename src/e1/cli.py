@@ -11,7 +11,7 @@ import sys
 def _describe(a: argparse.Namespace) -> None:
     from e1.describe import describe, render_table
 
-    d = describe(a.model, a.image, a.prompt_tokens, a.decode_tokens)
+    d = describe(a.model, a.image, a.prompt_tokens, a.decode_tokens, moe_top_k=a.moe_top_k, max_crops=a.max_crops)
     print(json.dumps(d, indent=1) if a.json else render_table(d))
 
 
@@ -135,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt-tokens", type=int, default=20, help="prompt length in tokens (template excluded)")
     d.add_argument("--decode-tokens", type=int, default=1, help="new tokens (1 prefill + N-1 decode steps)")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.add_argument("--moe-top-k", type=int, default=None, help="experts per token (default: the model's)")
+    d.add_argument("--max-crops", type=int, default=None, help="image tiles allowed (default: the model's)")
     d.set_defaults(func=_describe)
 
     i = sub.add_parser("image", help="write a deterministic synthetic RGB image (PNG)")

@@ -5,21 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from e1 import flops, traffic
-from e1.arch import load_arch
+from e1.arch import Arch, load_arch
 from e1.inputs import parse_size
 from e1.preprocess import TEMPLATE_TOKENS, check_context, layout_for
 
 
-def param_counts(model: str) -> dict[str, int]:
+def param_counts(arch: Arch) -> dict[str, int]:
     """Parameter counts from the model built on the meta device (no memory, no time)."""
     from e1.model.build import build_model  # torch import only when asked
 
-    return build_model(model, device="meta", dtype="bfloat16").param_counts()
+    return build_model(arch, device="meta", dtype="bfloat16").param_counts()
 
 
-def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1) -> dict[str, Any]:
-    """Counts that drive each stage for one configuration."""
-    arch = load_arch(model)
+def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1, moe_top_k: int | None = None,
+             max_crops: int | None = None) -> dict[str, Any]:
+    """Counts that drive each stage for one configuration (knobs: see Arch.with_knobs)."""
+    arch = load_arch(model).with_knobs(moe_top_k=moe_top_k, max_crops=max_crops)
     if prompt_tokens < 0:
         raise ValueError(f"prompt tokens must be >= 0, got {prompt_tokens}")
     if decode_tokens < 1:
@@ -33,7 +34,9 @@ def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1)
     return {
         "model": arch.name,
         "image": f"{w}x{h}",
-        "params": param_counts(model),
+        "moe_top_k": arch.llm["top_k"],
+        "max_crops": arch.preprocess["max_crops"],
+        "params": param_counts(arch),
         "vision": layout.counts(),
         "prompt_tokens": prompt_tokens,
         "text_tokens": text_tokens,
@@ -52,7 +55,7 @@ def render_table(d: dict[str, Any]) -> str:
     """Readable text version of `describe`'s result."""
     p, v = d["params"], d["vision"]
     rows = [
-        ("model", d["model"]),
+        ("model", f"{d['model']} (top-{d['moe_top_k']} experts, max {d['max_crops']} crops)"),
         ("image (WxH)", f"{d['image']} -> resized {v['resized'][0]}x{v['resized'][1]}"
          + (" (downscaled: larger than max_crops tiles allow)" if v["downscaled"] else "")),
         ("tiling (rows x cols)", f"{v['tiling'][0]} x {v['tiling'][1]}"),
