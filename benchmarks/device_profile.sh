@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the profiler rules: profile + parse_trace for the configurations named on the
-# command line (IMAGE__PROMPT__nN), then the fidelity benchmark; results packed into $OUT as they finish.
+# command line (IMAGE__PROMPT__nN__VARIANT, e.g. 336x336__short__n64__sdpa.grouped_mm.eager.k8.c12), then the fidelity benchmark; results packed into $OUT as they finish.
 # Usage (repo root, on the device, .whl carried): bash benchmarks/device_profile.sh CONFIG_ID...
 set -uo pipefail
 OUT=${OUT:-/tmp/e1-out}

@@ -8,7 +8,10 @@ needed: the files and the rules are parsed.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -101,10 +104,6 @@ def test_rules_run_the_environment_python_under_sdm_conda(tmp_path):
     """Planned with --sdm conda (conda itself replaced by a stand-in that only answers snakemake's
     queries), every job runs `python -m e1` from the activated environment with e1 from this checkout's
     src/; without it, the interpreter that runs snakemake."""
-    import os
-    import subprocess
-    import sys
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     conda = bin_dir / "conda"
@@ -130,3 +129,17 @@ def test_rules_run_the_environment_python_under_sdm_conda(tmp_path):
     assert all(c.startswith(prefix) for c in with_conda), [c[:120] for c in with_conda]
     plain = shell_commands()
     assert all(c.startswith(f'"{sys.executable}" -m e1 ') for c in plain), [c[:120] for c in plain]
+
+
+# The modules the rules on envs/analysis.yaml run (through `python -m e1 <command>`): no torch there.
+ANALYSIS_MODULES = ("e1.cli", "e1.aggregate", "e1.trace", "e1.breakdown", "e1.flops_vs_latency", "e1.findings",
+                    "e1.plots.stack", "e1.plots.breakdown", "e1.plots.flops", "e1.plots.scaling")
+
+
+def test_analysis_rules_run_without_torch():
+    assert set(rule_envs().values()) == {"gpu.yaml", "analysis.yaml"}
+    block = "import sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+    for module in ANALYSIS_MODULES:
+        p = subprocess.run([sys.executable, "-c", block + f"import {module}"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+        assert p.returncode == 0, f"{module} needs torch or transformers:\n{p.stderr[-2000:]}"

@@ -24,7 +24,7 @@ CONFIG = {
     "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
     "profile": {"warmup": 1, "runs": 2, "max_decode_steps": 3},
 }
-GPU_RULES = ("measure", "profile", "calibrate")  # calibrate: named in the profile before the rule exists
+GPU_RULES = ("measure", "profile", "calibrate", "flop_check")
 
 
 def dry_run(workdir: Path, *extra: str) -> str:
@@ -53,12 +53,11 @@ def job_resources(out: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_profile_resources(tmp_path, device):
     """One GPU (gres) per measure/profile job, gpu=0 so the plugin adds no --gpus; CPU rules small;
-    the same request whether the head node planned for cuda (--config device=cuda) or for cpu. The
-    profile's set-resources names calibrate, which the workflow may not have yet: the run must not fail."""
+    the same request whether the head node planned for cuda (--config device=cuda) or for cpu."""
     out = dry_run(tmp_path, "--config", f"device={device}")
     assert "workflow specific profile profiles/default" in out  # loaded with it, as for a user
     res = job_resources(out)
-    assert {"measure", "profile", "aggregate"} <= set(res), sorted(res)
+    assert {*GPU_RULES, "aggregate", "findings"} <= set(res), sorted(res)
     for rule, lines in res.items():
         for line in lines:
             fields = dict(f.split("=", 1) for f in line.split(", "))
@@ -67,6 +66,7 @@ def test_profile_resources(tmp_path, device):
                 assert fields["mem_mb"] == "16000" and fields["runtime"] == "60", (rule, line)
             else:
                 assert "gres" not in fields and int(fields["mem_mb"]) <= 8000, (rule, line)
+                assert fields.get("gpu", "0") == "0", (rule, line)  # no --gpus for a CPU rule
     if device == "cuda":  # the full model, planned on a machine without a GPU
         assert "results/molmoe-1b_cuda_bfloat16/measure/" in out and "molmoe-1b-tiny" not in out
 
@@ -79,5 +79,6 @@ def test_gpu_resource_is_scoped_local():
     assert "gpu=local" in profile["set-resource-scopes"]
     assert "resources" not in profile  # it would be ignored: profiles/default sets it
     assert profile["set-resources"]["calibrate"] == profile["set-resources"]["measure"]
+    assert profile["set-resources"]["flop_check"] == profile["set-resources"]["measure"]
     assert {"keep-going", "rerun-incomplete"} <= {k for k, v in profile.items() if v is True}
     assert "gpu=1" in default["resources"]

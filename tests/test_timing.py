@@ -18,7 +18,8 @@ from e1.aggregate import SHARED, aggregate
 from e1.arch import load_arch
 from e1.measure import run_rows
 from e1.stats import summarize
-from e1.timing import CONVENTION, STAGES, Clock, RunTiming, timed_generate
+from e1.names import STAGES
+from e1.timing import CONVENTION, Clock, RunTiming, timed_generate
 
 ARCH = load_arch("molmoe-1b-tiny")
 CPU = torch.device("cpu")
@@ -315,7 +316,7 @@ def test_aggregate_empty_raises(tmp_path):
 
 def test_cuda_request_without_gpu_is_refused(monkeypatch):
     """A job asked to measure on cuda never falls back to the CPU."""
-    from e1.measure import resolve_device
+    from e1.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="refusing to measure on the CPU"):

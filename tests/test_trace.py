@@ -18,9 +18,10 @@ from torch.profiler import ProfilerActivity, profile
 from e1 import breakdown
 from e1.arch import load_arch
 from e1.breakdown import aggregate, parse, summarize
-from e1.components import RUN, component_map, component_ranges
-from e1.timing import COMP_RANGE as COMP
-from e1.timing import STAGE_RANGE as STAGE
+from e1.components import component_map, component_ranges
+from e1.names import COMP_RANGE as COMP
+from e1.names import RUN_RANGE as RUN
+from e1.names import STAGE_RANGE as STAGE
 from e1.inputs import make_prompt, write_image, write_prompt
 from e1.plots.breakdown import plot_breakdown
 from e1.profiling import profile_config

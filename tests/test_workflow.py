@@ -319,6 +319,9 @@ def test_touch_plot_module_reruns_only_the_plot(wf, breakdown):
     ("plots/scaling.py", {"plot_scaling": 1}),
     ("findings.py", {"findings": 1}),
     ("flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
+    # imported by other modules only: the rules' code inputs follow the imports
+    ("correlation.py", {"flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
+    ("plots/common.py", {"plot_stack": 1, "plot_breakdown": 1, "plot_flops": 1, "plot_scaling": 1}),
 ])
 def test_touch_flops_modules_reruns_only_their_jobs(wf, breakdown, module, jobs):
     assert_package_unchanged(wf)

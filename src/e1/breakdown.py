@@ -8,10 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from e1.components import GROUPS
+from e1.names import GROUPS, STAGES
 from e1.trace import attribute, load_events
 
-STAGES = ("vision_encoder", "projector", "prefill", "decode")
 SUM_TOLERANCE = 0.01  # components must add up to the stage's busy time within 1%
 CONVENTION = (
     "device time from torch.profiler (CUDA kernels on GPU; top-level ATen ops on CPU), attributed to the "

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from e1 import envinfo
-from e1.measure import resolve_device
+from e1.device import resolve_device
 from e1.model.build import resolve_dtype
 
 # (matmul sizes, copy buffer bytes, calls per batch, batches): large on a GPU, small enough for CI on a CPU

@@ -25,16 +25,30 @@ def _prompt(a: argparse.Namespace) -> None:
     from e1.arch import load_arch
     from e1.inputs import make_prompt, write_prompt
 
-    job = json.loads(a.job)
+    job = _json_object(a.job, "--job", ("model", "tokens"))
     record = make_prompt(load_arch(job["model"]), a.name, job["tokens"], job.get("text"), job.get("tokenizer"),
                          job.get("seed", 0))
     write_prompt(a.out, record)
 
 
-def _gpu_job(spec_json: str) -> dict:
+def _json_object(text: str, option: str, required: tuple[str, ...] = ()) -> dict:
+    """The JSON object given to --spec/--job, with its required keys; errors name the option and the value."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} is not valid JSON ({e}): {text[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{option} must be a JSON object, got {text[:200]!r}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ValueError(f"{option} lacks {missing}; required: {list(required)}")
+    return obj
+
+
+def _gpu_job(spec_json: str, option: str = "--spec", required: tuple[str, ...] = ("device",)) -> dict:
     """A GPU job's spec; for device `cuda`, first claims one GPU for this process (e1.gpus), before anything
     touches CUDA. Every command that runs on the GPU starts with this call."""
-    spec = json.loads(spec_json)
+    spec = _json_object(spec_json, option, required)
     from e1.gpus import claim_for
 
     claim_for(str(spec.get("device", "")))
@@ -86,9 +100,9 @@ def _plot_breakdown(a: argparse.Namespace) -> None:
 
 
 def _calibrate(a: argparse.Namespace) -> None:
-    job = _gpu_job(a.job)
-    if set(job) != {"device", "dtype"}:
-        raise ValueError(f"calibrate job {job}: needs exactly the keys 'device' and 'dtype'")
+    if set(_json_object(a.job, "--job")) != {"device", "dtype"}:  # checked before waiting for a GPU
+        raise ValueError(f"--job {a.job!r}: needs exactly the keys 'device' and 'dtype'")
+    job = _gpu_job(a.job, "--job")
     from e1.calibrate import calibrate
 
     calibrate(job["device"], job["dtype"], a.out)

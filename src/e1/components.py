@@ -1,31 +1,20 @@
 """Named profiler ranges for MolmoE's components, installed by wrapping modules of a built model.
 
-Range names (record_function, so they appear in Kineto traces as user annotations):
-  e1.run:<k>                 one profiled run
-  e1.stage:<stage>[#<step>]  vision_encoder, projector, prefill, decode#1..N-1
-  e1.comp:<component>[@<layer>]
+Range names (record_function, so they appear in Kineto traces as user annotations): see e1.names.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from torch import nn
 from torch.profiler import record_function
 
-from e1.model.molmoe import MolmoE
-from e1.timing import COMP_RANGE as COMP
+from e1.names import COMP_RANGE as COMP
 
-RUN = "e1.run:"
-
-# LLM components and how the breakdown figure groups them.
-GROUPS = {
-    "attention": "attention",  # q/k/v/o projections, QK-norm, RoPE, scaled dot-product, KV cache update
-    "moe_experts": "FFN / MoE experts",
-    "moe_router": "MoE router",
-    "norm": "other", "embedding": "other", "lm_head": "other", "sampling": "other", "other": "other",
-}
+if TYPE_CHECKING:
+    from e1.model.molmoe import MolmoE
 
 
 def component_map(model: MolmoE) -> list[tuple[nn.Module, str]]:

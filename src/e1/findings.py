@@ -11,10 +11,11 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable
 
-STAGES = ("vision_encoder", "projector", "prefill", "decode")
+from e1.names import GROUP_NAMES as GROUPS
+from e1.names import STAGES
+
 HOLDS, FAILS = 0.8, 0.2  # share of the regime's configurations in which the condition is true
 R2_WEAK, R2_STRONG = 0.5, 0.8  # log-log R² of latency on FLOPs: below WEAK = weak, at or above STRONG = strong
-GROUPS = ("attention", "FFN / MoE experts", "MoE router", "other")  # e1.breakdown's component groups
 RULE = (f"holds if the condition is true in >= {HOLDS:.0%} of the configurations of the regime, does not hold "
         f"if in <= {FAILS:.0%}, mixed otherwise")
 

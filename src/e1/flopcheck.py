@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from e1 import flops
 from e1.arch import Arch
-from e1.measure import build_for, prepare, resolve_device, resolve_knobs
+from e1.device import resolve_device
+from e1.measure import build_for, prepare, resolve_knobs
 from e1.model.molmoe import MolmoE
 from e1.preprocess import load_image
 from e1.timing import StageInputs

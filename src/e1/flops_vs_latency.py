@@ -16,8 +16,8 @@ from typing import Any
 from e1 import flops, traffic
 from e1.arch import Arch, load_arch
 from e1.correlation import loglog_fit, spearman
+from e1.names import STAGES
 
-STAGES = ("vision_encoder", "projector", "prefill", "decode")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Knobs that change the work (FLOPs/bytes) versus knobs that only change how the same work is executed.
 WORK_KNOBS = ("moe_top_k", "max_crops")

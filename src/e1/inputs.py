@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from e1.arch import Arch
+if TYPE_CHECKING:
+    from e1.arch import Arch
 
 
 def _seed(*parts: object) -> int:

@@ -15,12 +15,14 @@ import torch
 
 from e1 import envinfo
 from e1.arch import Arch, load_arch
+from e1.device import resolve_device
 from e1.model.build import build_model, resolve_dtype
 from e1.model.graph_decode import DECODE_BACKENDS, StaticDecoder, check_graph_support
 from e1.model.molmoe import MolmoE
 from e1.preprocess import build_input_ids, check_context, load_image, preprocess
 from e1.stats import summarize
-from e1.timing import CONVENTION, STAGES, RunTiming, StageInputs, timed_generate
+from e1.names import STAGES
+from e1.timing import CONVENTION, RunTiming, StageInputs, timed_generate
 
 REQUIRED = ("id", "model", "device", "dtype", "weights", "seed", "image", "image_path", "prompt", "prompt_path",
             "decode_tokens", "warmup", "timed")
@@ -28,17 +30,6 @@ REQUIRED = ("id", "model", "device", "dtype", "weights", "seed", "image", "image
 
 def log(msg: str) -> None:
     print(f"[e1 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'cuda' must really be a GPU: never fall back to the CPU silently."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device {name!r} was requested but torch {torch.__version__} sees no CUDA GPU "
-            "(is this a GPU node? CUDA_VISIBLE_DEVICES?); refusing to measure on the CPU instead"
-        )
-    return device
 
 
 def resolve_knobs(spec: dict[str, Any]) -> tuple[Arch, dict[str, Any]]:
@@ -140,7 +131,7 @@ def run_rows(config_id: str, run: int, preprocess_ms: float, t: RunTiming) -> li
 def measure(spec: dict[str, Any], out_parquet: str | Path, out_json: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
-        raise ValueError(f"measure spec lacks {missing}")
+        raise ValueError(f"measure spec lacks {missing}; required: {list(REQUIRED)}")
     wall = {"start": time.time()}  # wall-clock (time.time()) marks: which jobs overlapped, afterwards
     arch, knobs = resolve_knobs(spec)
     device = resolve_device(spec["device"])

@@ -16,11 +16,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from e1 import envinfo
-from e1.components import RUN, component_ranges
-from e1.measure import build_for, log, prepare, resolve_device, resolve_knobs
+from e1.components import component_ranges
+from e1.device import resolve_device
+from e1.measure import build_for, log, prepare, resolve_knobs
 from e1.model.molmoe import MolmoE
+from e1.names import RUN_RANGE
 from e1.preprocess import load_image
 from e1.timing import StageInputs, timed_generate
+
+
+REQUIRED = ("id", "model", "device", "dtype", "weights", "seed", "image", "image_path", "prompt", "prompt_path",
+            "decode_tokens", "warmup", "profile_runs", "max_decode_steps")
 
 
 @torch.inference_mode()
@@ -45,6 +51,9 @@ def expert_routing(model: MolmoE, inp: StageInputs) -> pd.DataFrame:
 
 def profile_config(spec: dict[str, Any], out_trace: str | Path, out_json: str | Path,
                    out_routing: str | Path) -> dict[str, Any]:
+    missing = [k for k in REQUIRED if k not in spec]
+    if missing:
+        raise ValueError(f"profile spec lacks {missing}; required: {list(REQUIRED)}")
     arch, knobs = resolve_knobs(spec)
     if knobs["decode_backend"] != "eager":
         raise ValueError(f"decode_backend {knobs['decode_backend']!r}: profiles need per-module ranges, which a "
@@ -67,7 +76,7 @@ def profile_config(spec: dict[str, Any], out_trace: str | Path, out_json: str | 
         t0 = time.perf_counter()
         with profile(activities=acts, record_shapes=False, with_stack=False) as prof:
             for k in range(int(spec["profile_runs"])):
-                with record_function(f"{RUN}{k}"):
+                with record_function(f"{RUN_RANGE}{k}"):
                     t = timed_generate(model, inp, n_new, annotate=True)
                 runs.append({"run": k, "e2e_ms": t.e2e_ms, "stages_ms": t.stages_ms,
                              "decode_steps_ms": t.decode_steps_ms})

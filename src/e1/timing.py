@@ -17,9 +17,8 @@ from torch.profiler import record_function
 
 from e1.model.graph_decode import StaticDecoder
 from e1.model.molmoe import MolmoE
+from e1.names import COMP_RANGE, STAGE_RANGE
 
-STAGES = ("vision_encoder", "projector", "prefill", "decode")
-STAGE_RANGE, COMP_RANGE = "e1.stage:", "e1.comp:"  # profiler range prefixes (see e1.components)
 CONVENTION = (
     "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps, EOS ignored, greedy; "
     "stages are bracketed by CUDA events on the stream (host clock on CPU) with one synchronize per run; "

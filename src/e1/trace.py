@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from e1.components import RUN
-from e1.timing import COMP_RANGE as COMP
-from e1.timing import STAGE_RANGE as STAGE
+from e1.names import COMP_RANGE as COMP
+from e1.names import RUN_RANGE as RUN
+from e1.names import STAGE_RANGE as STAGE
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")

@@ -3,9 +3,9 @@
 1. Through SLURM: every job snakemake ran (all but the target rule `all`) was submitted with sbatch (the
    plugin's "submitted with SLURM jobid" line), each SLURM job is known to slurmctld (`scontrol show job`
    keeps finished jobs for MinJobAge; its submit RPC is in the slurmctld log), ran to COMPLETED on the
-   node, and carried the profile's resources: the GPU rules (measure, profile) asked for and were
+   node, and carried the profile's resources: the GPU rules (measure, profile, calibrate, flop_check) asked for and were
    allocated the fake GPU (TresPerNode=gres:gpu:1, JOB_GRES=gpu:1) and 16000 MB, the CPU rules no GPU;
-   each job has its plugin log under .snakemake/slurm_logs. Snakemake submitted the GPU jobs together
+   each job has its plugin log under .snakemake/slurm_logs. Snakemake submitted the measure jobs together
    (profiles/default's gpu=1 cap did not serialise them) and SLURM ran them one at a time on the one GPU.
 2. Same outputs as the local run of the same grid. "Same" means, and only means:
    - the same files under inputs/, results/ and figures/ (logs/ and .snakemake/ are bookkeeping);
@@ -18,7 +18,12 @@
      that is not floating point (config id, run, stage, decode step, layer, expert, kernel counts, and the
      tokens each expert received, which follow from the generated token ids);
    - profiler traces (.json.gz): the same multiset of named ranges (stage and component annotations);
-   - figures: valid PNG images of the same pixel size (the bars are timings).
+   - figures: valid PNG images of the same pixel size (the bars are timings);
+   - what is derived from timings by thresholds or ranking is compared for structure only: in
+     e1_findings.json the same questions and findings with the same criteria (answers, verdicts and
+     evidence follow the timings), in e1_findings.md the same headings, in e1_flops_vs_latency.json
+     everything but the inversions (stage pairs ordered by measured time) and each point's bound (compute
+     or memory, decided by the measured calibration).
 Exit status 0 when everything holds; otherwise every failed check is printed.
 """
 
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import pandas as pd
 
-GPU_RULES = {"measure", "profile"}   # rules profiles/slurm gives one GPU each (calibrate too, when it exists)
+GPU_RULES = {"measure", "profile", "calibrate", "flop_check"}  # rules profiles/slurm gives one GPU each
 GPU_MEM_MB = 16000
 COMPARED_DIRS = ("inputs", "results", "figures")
 
@@ -115,21 +120,24 @@ def check_slurm(cluster: Path, jobs_file: Path, ctld_log: Path, snakemake_log: P
             check(gres in ("(null)", ""), f"{where}: a CPU rule was given {gres}")
         logs = list((cluster / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{slurm_id}.log"))
         check(len(logs) == 1, f"{where}: no plugin log .snakemake/slurm_logs/rule_{rule}/**/{slurm_id}.log")
-    check_gpu_scheduling({i: jobs[i] for i, rule in submitted.items() if rule in GPU_RULES and i in jobs})
+    check_gpu_scheduling({i: jobs[i] for i, rule in submitted.items() if rule in GPU_RULES and i in jobs},
+                         {i for i, rule in submitted.items() if rule == "measure"})
 
 
-def check_gpu_scheduling(gpu_jobs: dict[str, dict[str, str]]) -> None:
-    """Snakemake submitted the GPU jobs together (profiles/default's global gpu=1 cap did not serialise
-    them), and SLURM ran them one at a time: the node has one GPU and each job holds it."""
-    if len(gpu_jobs) < 2:
-        check(False, f"need at least two GPU jobs to check their scheduling, got {sorted(gpu_jobs)}")
+def check_gpu_scheduling(gpu_jobs: dict[str, dict[str, str]], measure_jobs: set[str]) -> None:
+    """Snakemake submitted the measure jobs together (they become ready at the same moment, after the
+    inputs; profiles/default's global gpu=1 cap did not serialise them), and SLURM ran all GPU jobs one at a
+    time: the node has one GPU and each job holds it."""
+    together = {i: j for i, j in gpu_jobs.items() if i in measure_jobs}
+    if len(together) < 2:
+        check(False, f"need at least two measure jobs to check their scheduling, got {sorted(together)}")
         return
-    spans = sorted((j["StartTime"], j["EndTime"], j["SubmitTime"], i) for i, j in gpu_jobs.items())
-    first_end = spans[0][1]
-    late = [i for _, _, submit, i in spans if submit >= first_end]
-    check(not late, f"GPU jobs {late} were submitted only after the first GPU job ended ({first_end}): "
+    first_end = min(j["EndTime"] for j in together.values())
+    late = sorted(i for i, j in together.items() if j["SubmitTime"] >= first_end)
+    check(not late, f"measure jobs {late} were submitted only after the first measure job ended ({first_end}): "
                     "snakemake serialised them (is the gpu resource scoped local in profiles/slurm?)")
-    for (s0, e0, _, i0), (s1, _, _, i1) in zip(spans, spans[1:]):
+    spans = sorted((j["StartTime"], j["EndTime"], i) for i, j in gpu_jobs.items())
+    for (s0, e0, i0), (s1, _, i1) in zip(spans, spans[1:]):
         check(s1 >= e0, f"GPU jobs {i0} and {i1} overlapped on the one GPU ({s0}-{e0} and from {s1})")
 
 
@@ -182,6 +190,31 @@ def png_size(path: Path) -> tuple[int, int] | None:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+def compare_findings(a: dict, b: dict, where: str) -> None:
+    """Structure only: the same questions, the same expected findings and criteria, one verdict each."""
+    check(a.keys() == b.keys() and a["questions"].keys() == b["questions"].keys(), f"{where}: questions differ")
+    crit = [[(f["finding"], f["criterion"]) for f in x["expected_findings"]] for x in (a, b)]
+    check(crit[0] == crit[1], f"{where}: expected findings or criteria differ")
+    verdicts = {"holds", "does not hold", "mixed", "not measured"}
+    check(all(f["verdict"] in verdicts for x in (a, b) for f in x["expected_findings"]), f"{where}: bad verdict")
+
+
+# e1_flops_vs_latency.json: decided by measured numbers (timings, the device calibration), not by the run's work
+TIMING_DERIVED = {"inversions", "bound"}
+
+
+def drop_keys(data, keys: set[str]):
+    if isinstance(data, dict):
+        return {k: drop_keys(v, keys) for k, v in data.items() if k not in keys}
+    if isinstance(data, list):
+        return [drop_keys(v, keys) for v in data]
+    return data
+
+
+def headings(path: Path) -> list[str]:
+    return [line.split(":")[0] for line in path.read_text().splitlines() if line.startswith("#")]
+
+
 def compare_outputs(cluster: Path, local: Path) -> int:
     fa, fb = files(cluster), files(local)
     check(fa == fb, f"files only on the cluster: {sorted(fa - fb)}; only local: {sorted(fb - fa)}")
@@ -190,6 +223,12 @@ def compare_outputs(cluster: Path, local: Path) -> int:
         a, b = cluster / rel, local / rel
         if rel.startswith("inputs/"):
             check(a.read_bytes() == b.read_bytes(), f"{rel}: inputs differ")
+        elif rel.endswith("e1_findings.json"):
+            compare_findings(json.loads(a.read_text()), json.loads(b.read_text()), rel)
+        elif rel.endswith("e1_findings.md"):
+            check(headings(a) == headings(b) and len(headings(a)) > 0, f"{rel}: headings differ")
+        elif rel.endswith("e1_flops_vs_latency.json"):
+            compare_json(*(drop_keys(json.loads(f.read_text()), TIMING_DERIVED) for f in (a, b)), rel)
         elif rel.endswith(".json"):
             compare_json(json.loads(a.read_text()), json.loads(b.read_text()), rel)
         elif rel.endswith(".parquet"):

@@ -1,4 +1,5 @@
 # Shared helpers: run identity (model/device/dtype policy), config ids, code dependencies, job params.
+import ast
 import itertools
 import json
 import os
@@ -115,24 +116,48 @@ wildcard_constraints:
 CONFIG = "{image}__{prompt}__n{decode}__{variant}"  # one configuration's file stem
 
 
-def code(*names):
-    """Package modules a rule depends on: editing them reruns that rule (and only what follows)."""
-    return [str(REPO / "src" / "e1" / name) for name in names]
+def code(*entries):
+    """The package modules a rule's command runs: the entry modules and every e1 module they import,
+    transitively (read from their import statements, also those inside functions, not those under
+    `if TYPE_CHECKING:`; nothing is imported here), plus the model's architecture file when e1.arch is
+    among them. Editing any of them reruns the rule, and only what follows it. The CLI (cli.py) only
+    dispatches and is left out: editing it reruns nothing."""
+    src = REPO / "src" / "e1"
+    seen, todo = set(), [src / e for e in entries]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        tree = ast.parse(path.read_text())
+        hints = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                 and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in hints:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "e1":
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "e1"]
+            else:
+                continue
+            for name in names:
+                rel = Path(*name.split(".")[1:])
+                if rel.parts and (src / f"{rel}.py").is_file():
+                    todo.append(src / f"{rel}.py")
+    if src / "arch.py" in seen:
+        seen.add(src / "archs" / f"{MODEL}.json")
+    return sorted(str(f) for f in seen)
 
 
-# The CLI (cli.py) only dispatches to these modules and is left out on purpose: editing it reruns nothing.
 CODE_IMAGE = code("inputs.py")
-CODE_PROMPT = code("inputs.py", "arch.py", f"archs/{MODEL}.json")
-CODE_MEASURE = code(
-    "measure.py", "timing.py", "stats.py", "envinfo.py", "preprocess.py", "arch.py", f"archs/{MODEL}.json",
-    "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py", "model/graph_decode.py",
-    "gpus.py",
-)
+CODE_PROMPT = code("inputs.py", "arch.py")
+CODE_MEASURE = code("measure.py", "gpus.py")
 CODE_AGGREGATE = code("aggregate.py")
-CODE_PLOT_STACK = code("plots/stack.py", "plots/common.py")
-CODE_PROFILE = CODE_MEASURE + code("profiling.py", "components.py")
-CODE_PARSE = code("trace.py", "breakdown.py", "components.py")
-CODE_PLOT_BREAKDOWN = code("plots/breakdown.py", "plots/common.py")
+CODE_PLOT_STACK = code("plots/stack.py")
+CODE_PROFILE = code("profiling.py", "gpus.py")
+CODE_PARSE = code("trace.py", "breakdown.py")
+CODE_PLOT_BREAKDOWN = code("plots/breakdown.py")
 
 
 def measure_path(ext):
@@ -186,12 +211,11 @@ def profile_spec(wildcards):
 
 
 # --- FLOPs, roofline, scaling, findings (workflow/rules/flops.smk) ------------------------------------
-CODE_CALIBRATE = code("calibrate.py", "measure.py", "envinfo.py", "gpus.py", "model/build.py")
-CODE_FLOPCHECK = CODE_MEASURE + code("flopcheck.py", "flops.py")
-CODE_FLOPS_VS_LATENCY = code("flops_vs_latency.py", "flops.py", "traffic.py", "correlation.py", "arch.py",
-                             f"archs/{MODEL}.json")
-CODE_PLOT_FLOPS = code("plots/flops.py", "plots/common.py")
-CODE_PLOT_SCALING = code("plots/scaling.py", "plots/common.py")
+CODE_CALIBRATE = code("calibrate.py", "gpus.py")
+CODE_FLOPCHECK = code("flopcheck.py", "gpus.py")
+CODE_FLOPS_VS_LATENCY = code("flops_vs_latency.py")
+CODE_PLOT_FLOPS = code("plots/flops.py")
+CODE_PLOT_SCALING = code("plots/scaling.py")
 CODE_FINDINGS = code("findings.py")
 FIRST_PROMPT = next(iter(PROMPTS))  # the flop check runs once per image and variant, with the first prompt
 # FlopCounterMode sees eager decode only (a graph replay hides its ops): one check per eager-decode variant.

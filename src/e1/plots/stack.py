@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from e1.inputs import parse_size  # noqa: E402
 from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
-from e1.timing import STAGES  # noqa: E402
+from e1.names import STAGES  # noqa: E402
 
 
 def image_area(size: str) -> int:
@@ -37,7 +37,7 @@ def subtitle(meta: dict, configs: list[dict]) -> str:
 def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
     data = json.loads(Path(breakdown_json).read_text())
     meta, configs = data["meta"], data["configs"]
-    # group: image (outer) -> prompt -> decode length, in the order the config lists them
+    # group: image (outer, by pixel count) -> prompt length -> decode length -> variant
     configs = sorted(configs, key=lambda c: (image_area(c["image"]), c["prompt_tokens"], c["decode_tokens"],
                                              c["variant"]))
     several = len({c["variant"] for c in configs}) > 1
