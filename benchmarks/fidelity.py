@@ -19,12 +19,13 @@ import time
 
 import torch
 
-from e1 import envinfo
-from e1.arch import load_arch
-from e1.inputs import make_prompt, synthetic_image
-from e1.measure import prepare
+from e1.jobs import env as envinfo
+from e1.model.arch import load_arch
+from e1.inputs.images import synthetic_image
+from e1.inputs.prompts import make_prompt
+from e1.model.stage_inputs import prepare
 from e1.model.build import build_model
-from e1.timing import timed_generate
+from e1.latency.timing import timed_generate
 
 
 def sync() -> None:
@@ -180,7 +181,7 @@ def main() -> None:
     print("profile", json.dumps(report["profile_9_tokens"]), flush=True)
 
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import e1.measure"], check=True)
+    subprocess.run([sys.executable, "-c", "import e1.latency.measure"], check=True)
     report["import_e1_measure_s"] = time.perf_counter() - t0
     if device.type == "cuda":
         report["env"]["gpu_after"] = envinfo.gpu_state(0)

@@ -16,12 +16,13 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from e1.arch import load_arch
-from e1.inputs import make_prompt, synthetic_image
-from e1.measure import prepare
+from e1.model.arch import load_arch
+from e1.inputs.images import synthetic_image
+from e1.inputs.prompts import make_prompt
+from e1.model.stage_inputs import prepare
 from e1.model.build import build_model
 from e1.model.graph_decode import StaticDecoder
-from e1.timing import timed_generate
+from e1.latency.timing import timed_generate
 
 
 def probe(experts: str, steps: int) -> dict:

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from e1.arch import load_arch
-from e1.inputs import make_prompt, synthetic_image
-from e1.measure import prepare
+from e1.model.arch import load_arch
+from e1.inputs.images import synthetic_image
+from e1.inputs.prompts import make_prompt
+from e1.model.stage_inputs import prepare
 from e1.model.build import build_model
 
 

@@ -67,12 +67,19 @@ def test_env_matches_pyproject(env):
     assert "python" in seen, f"{env.name}: no python"
 
 
+LOCAL_RULES = {"prompt", "spec"}  # `run:` blocks in snakemake's own process: they write planned records, no env
+
+
 def rule_envs() -> dict[str, str]:
-    """{rule: env file} from the conda: directives in workflow/rules/*.smk (rule `all` runs nothing)."""
+    """{rule: env file} from the conda: directives in workflow/rules/*.smk (rule `all` runs nothing; the local
+    rules run inside snakemake)."""
     out = {}
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         for block in re.split(r"^(?=rule \w+:)", smk.read_text(), flags=re.M)[1:]:
             name = re.match(r"rule (\w+):", block).group(1)
+            if "    localrule: True" in block:
+                assert name in LOCAL_RULES and "    run:" in block, f"rule {name}: unexpected local rule"
+                continue
             m = re.search(r"^    conda:\n\s+\"([^\"]+)\"", block, re.M)
             assert m, f"rule {name} ({smk.name}) has no conda: environment"
             path = (smk.parent / m.group(1)).resolve()
@@ -83,9 +90,9 @@ def rule_envs() -> dict[str, str]:
 
 def test_every_rule_has_an_environment_and_every_environment_is_used():
     envs = rule_envs()
-    assert {"measure", "profile", "aggregate", "plot_stack"} <= set(envs)
+    assert {"measure", "profile", "stage_latency", "plot_stack"} <= set(envs)
     assert envs["measure"] == envs["profile"] == "gpu.yaml"
-    assert envs["aggregate"] == envs["plot_stack"] == "analysis.yaml"
+    assert envs["stage_latency"] == envs["plot_stack"] == "analysis.yaml"
     assert set(envs.values()) == {p.name for p in ENVS}
 
 
@@ -100,46 +107,47 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_rules_run_the_environment_python_under_sdm_conda(tmp_path):
     """Planned with --sdm conda (conda itself replaced by a stand-in that only answers snakemake's
-    queries), every job runs `python -m e1` from the activated environment with e1 from this checkout's
-    src/; without it, the interpreter that runs snakemake."""
+    queries), every job runs `python -m e1` (workflow/scripts/e1-job) from the activated environment with e1
+    from this checkout's src/; without it, the interpreter that runs snakemake."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     conda = bin_dir / "conda"
     conda.write_text(STAND_IN_CONDA % {"p": tmp_path})
     conda.chmod(0o755)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
-        "model": "auto", "device": "cpu", "dtype": "auto", "weights": "random", "seed": 0, "images": ["336x336"],
-        "prompts": {"short": {"tokens": 16}}, "decode_tokens": [2],
-        "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
-        "profile": {"warmup": 1, "runs": 2, "max_decode_steps": 3}}))
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": ""}
 
     def shell_commands(*extra):
         cmd = [sys.executable, "-m", "snakemake", "-n", "-p", *extra, "--snakefile", str(REPO / "Snakefile"),
-               "--directory", str(tmp_path), "--cores", "1", "--configfile", str(tmp_path / "config.yaml")]
+               "--directory", str(tmp_path), "--cores", "1", "--configfile", str(REPO / "tests" / "small_grid.yaml"),
+               "--config", "images=[336x336]", "select_prompts=[short]", "decode_tokens=[2]"]
         p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         return [c for c in re.findall(r"^Shell command: (.*)$", p.stdout + p.stderr, re.M) if c != "None"]  # all
 
     with_conda = shell_commands("--sdm", "conda")
-    assert len(with_conda) >= 9  # image, prompt, measure, aggregate, plots, profile, parse_trace, breakdown
-    prefix = f'env PYTHONPATH="{REPO / "src"}" python -m e1 '
-    assert all(c.startswith(prefix) for c in with_conda), [c[:120] for c in with_conda]
+    assert len(with_conda) >= 9  # image, measure, stage_latency, plots, profile, parse_trace, breakdown, ...
+    job = REPO / "workflow" / "scripts" / "e1-job"
+    assert all(c.startswith(f'bash "{job}" "python" "{REPO / "src"}" ') for c in with_conda), [c[:160] for c in with_conda]
     plain = shell_commands()
-    assert all(c.startswith(f'"{sys.executable}" -m e1 ') for c in plain), [c[:120] for c in plain]
+    assert all(c.startswith(f'bash "{job}" "{sys.executable}" "{REPO / "src"}" ') for c in plain), [c[:160] for c in plain]
 
 
 # The modules the rules on envs/analysis.yaml run (through `python -m e1 <command>`): no torch there.
-ANALYSIS_MODULES = ("e1.cli", "e1.aggregate", "e1.trace", "e1.breakdown", "e1.flops_vs_latency", "e1.findings",
-                    "e1.plots.stack", "e1.plots.breakdown", "e1.plots.flops", "e1.plots.scaling")
+ANALYSIS_MODULES = ("e1.cli", "e1.latency.table", "e1.profile.trace", "e1.profile.breakdown",
+                    "e1.roofline.flops_vs_latency", "e1.findings", "e1.plots.stack", "e1.plots.breakdown",
+                    "e1.plots.flops", "e1.plots.scaling")
+# What planning imports (workflow/rules/common.smk): the Snakefile runs in snakemake's environment, no torch.
+PLANNING_MODULES = ("e1.knobs", "e1.configfile", "e1.inputs.images", "e1.inputs.prompts", "e1.jobs.nvsmi",
+                    "e1.jobs.spec", "e1.jobs.io", "e1.model.arch", "e1.model.preprocess")
 
 
 def test_analysis_rules_run_without_torch():
     assert set(rule_envs().values()) == {"gpu.yaml", "analysis.yaml"}
     block = "import sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
-    for module in ANALYSIS_MODULES:
+    for module in (*ANALYSIS_MODULES, *PLANNING_MODULES):
         p = subprocess.run([sys.executable, "-c", block + f"import {module}"], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
         assert p.returncode == 0, f"{module} needs torch or transformers:\n{p.stderr[-2000:]}"

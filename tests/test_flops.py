@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from e1 import flops
-from e1.arch import load_arch
+from e1.roofline import flops
+from e1.model.arch import load_arch
 from e1.describe import describe
-from e1.inputs import make_prompt, synthetic_image
-from e1.measure import prepare
+from e1.inputs.images import synthetic_image
+from e1.inputs.prompts import make_prompt
+from e1.model.stage_inputs import prepare
 from e1.model.build import build_model
 
 ARCH = load_arch("molmoe-1b-tiny")
@@ -75,19 +76,19 @@ def test_full_model_numbers_by_hand():
 def test_describe_reports_stage_flops():
     d = describe("molmoe-1b", "1008x784", 20)
     f = d["flops"]
-    assert set(f) == {"vision_encoder", "projector", "prefill", "decode_first_step"}
+    assert set(f) == {"vision_encoder", "projector", "prefill", "decode_step"}
     assert f["vision_encoder"]["total"] == sum(flops.vision_encoder(load_arch("molmoe-1b"), 13).values())
-    assert f["decode_first_step"]["attention_scores"] == 2 * 16 * (1221 + 1) * 2048
+    assert f["decode_step"]["attention_scores"] == 2 * 16 * (1221 + 1) * 2048
     # 13 crops x 577 tokens through the 0.29 B-parameter ViT outweigh 1221 tokens through 1.18 B active LLM
     # parameters: at 1008x784 the vision encoder has more FLOPs than the prefill (yet runs faster on the H200)
-    assert f["vision_encoder"]["total"] > f["prefill"]["total"] > f["decode_first_step"]["total"]
+    assert f["vision_encoder"]["total"] > f["prefill"]["total"] > f["decode_step"]["total"]
 
 
 # --- bytes --------------------------------------------------------------------------------------------
 
 def test_weight_bytes_match_parameter_counts():
     """Weights read per stage equal the parameters that stage uses (from the model on the meta device)."""
-    from e1 import traffic
+    from e1.roofline import traffic
     from e1.describe import param_counts
 
     arch = load_arch("molmoe-1b")
@@ -98,13 +99,13 @@ def test_weight_bytes_match_parameter_counts():
     assert by["vision_encoder"]["weights"] == 2 * p["vision_encoder"]
     assert by["projector"]["weights"] == 2 * p["projector"]
     # decode reads the active parameters plus one embedding row
-    assert by["decode_first_step"]["weights"] == 2 * (p["llm_active_per_token"] + d)
+    assert by["decode_step"]["weights"] == 2 * (p["llm_active_per_token"] + d)
     # every expert hit: all LLM parameters except the unused embedding rows
     all_hit = traffic.stage_bytes(arch, counts, 2, experts_hit_per_layer=[64] * 16)
     assert all_hit["prefill"]["weights"] == 2 * (p["llm"] - 50432 * d + t * d)
     # KV cache: 16 layers x (K + V) x 2048 x 2 bytes per position
     assert by["prefill"]["kv_cache"] == t * 16 * 2 * d * 2
-    assert by["decode_first_step"]["kv_cache"] == (t + 1) * 16 * 2 * d * 2
+    assert by["decode_step"]["kv_cache"] == (t + 1) * 16 * 2 * d * 2
     # 1221 tokens x top-8 of 64 experts: every expert is expected to be hit
     assert traffic.expected_experts_hit(arch, t) == pytest.approx(64, rel=1e-6)
     assert traffic.expected_experts_hit(arch, 1) == pytest.approx(8)
@@ -116,9 +117,9 @@ def test_describe_reports_stage_bytes():
     for stage in d["bytes"].values():
         assert stage["total"] == stage["weights"] + stage["kv_cache"] + stage["activations"] > 0
     # decode: ~2.36 GB of active weights per token, about 1 FLOP per byte -> memory-bound
-    step = d["bytes"]["decode_first_step"]
+    step = d["bytes"]["decode_step"]
     assert 2.3e9 < step["weights"] < 2.4e9
-    assert d["flops"]["decode_first_step"]["total"] / step["total"] < 2
+    assert d["flops"]["decode_step"]["total"] / step["total"] < 2
 
 
 def test_describe_applies_the_knobs():
@@ -130,6 +131,6 @@ def test_describe_applies_the_knobs():
     per_expert = 3 * 2048 * 1024
     assert base["params"]["llm_active_per_token"] - knob["params"]["llm_active_per_token"] == 16 * 7 * per_expert
     assert base["params"]["total"] == knob["params"]["total"]  # the knobs change work, not the weights
-    assert knob["flops"]["decode_first_step"]["total"] < base["flops"]["decode_first_step"]["total"]
-    with pytest.raises(ValueError, match="moe_top_k 99; allowed: an integer from 1 to 64"):
+    assert knob["flops"]["decode_step"]["total"] < base["flops"]["decode_step"]["total"]
+    with pytest.raises(ValueError, match="moe_top_k 99; allowed: null \\(the model's own\\) or an integer from 1 to 64"):
         describe("molmoe-1b", "1008x784", 16, moe_top_k=99)

@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from e1 import gpus
+from e1.jobs import claims as gpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Claims a GPU, reports the claim on stdout as one JSON line, then holds it until stdin closes.
 HOLDER = """
 import json, os, sys
-from e1 import gpus
+from e1.jobs import claims as gpus
 c = gpus.claim_for(sys.argv[1])
 print(json.dumps({"claim": gpus.current(), "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
                   "order": os.environ.get("CUDA_DEVICE_ORDER"), "smi_id": gpus.smi_id(0)}), flush=True)
@@ -56,7 +55,7 @@ def env(tmp_path):
     """Environment of a claimant: fake ids 3 and 5, a temporary lock dir, a failing nvidia-smi."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "E1_GPU_", "CUDA_"))}
     e.update(PYTHONPATH=str(REPO / "src"), CUDA_VISIBLE_DEVICES="3,5", E1_GPU_LOCK_DIR=str(tmp_path / "locks"),
-             PATH=f"{fake_smi(tmp_path, SMI_FAILS)}:{e['PATH']}")
+             PATH=f"{fake_smi(tmp_path, SMI_FAILS)}:{e['PATH']}", SPEC_DIR=str(tmp_path))
     return e
 
 
@@ -177,8 +176,14 @@ def test_cpu_jobs_claim_nothing_unless_the_test_hook_is_set(env):
     assert r["claim"]["source"] == "lock" and r["cvd"] in ("3", "5")
 
 
-def e1_measure(env: dict, spec: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "e1", "measure", "--spec", json.dumps(spec), "--out-parquet",
+def e1_measure(env: dict, device: str) -> subprocess.CompletedProcess:
+    """`e1 measure` of a valid spec on `device`; the GPU claim comes before anything else."""
+    spec = Path(env["SPEC_DIR"]) / "measure-spec.json"
+    spec.write_text(json.dumps({
+        "id": "x", "model": "molmoe-1b-tiny", "device": device, "dtype": "float32", "weights": "random", "seed": 0,
+        "variant": VARIANT, "knobs": {}, "image": "336x336", "image_path": "/nonexistent/x.png", "prompt": "short",
+        "prompt_path": "/nonexistent/p.json", "decode_tokens": 2, "warmup": 3, "timed": 10}))
+    return subprocess.run([sys.executable, "-m", "e1", "measure", "--spec", str(spec), "--out-parquet",
                            "/nonexistent/x.parquet", "--out-json", "/nonexistent/x.json"],
                           env=env, capture_output=True, text=True, timeout=60)
 
@@ -189,7 +194,7 @@ def test_a_job_fails_clearly_when_no_gpu_frees_in_time(env):
         report(a), report(b)
         env["E1_GPU_WAIT_S"] = "1.5"
         t0 = time.monotonic()
-        p = e1_measure(env, {"device": "cuda"})
+        p = e1_measure(env, "cuda")
         assert 1.5 <= time.monotonic() - t0 < 30
     finally:
         finish(a, b)
@@ -202,7 +207,7 @@ def test_an_unusable_lock_dir_fails_clearly(env, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     env["E1_GPU_LOCK_DIR"] = str(blocker / "locks")
-    p = e1_measure(env, {"device": "cuda"})
+    p = e1_measure(env, "cuda")
     assert p.returncode == 2
     assert f"e1 measure: error: cannot create the GPU lock directory '{blocker / 'locks'}'" in p.stderr, p.stderr
     assert "E1_GPU_LOCK_DIR" in p.stderr
@@ -233,17 +238,16 @@ def test_no_nvidia_smi_and_no_visible_devices_is_named():
 # apart ("alone"). E1_GPU_CLAIM_ON_CPU=1 makes the CPU jobs claim one of the fake ids 3 and 5.
 
 VARIANT = "sdpa.grouped_mm.eager.k2.c12"  # the tiny model's defaults
-MEASURED = [f"results/molmoe-1b-tiny_cpu_float32/measure/336x336__short__n{n}__{VARIANT}.json" for n in (2, 3)]
+DECODE = (24, 25)  # long enough that the timed runs of two jobs started together overlap on 2 cores
+MEASURED = [f"results/molmoe-1b-tiny_cpu_float32/measure/336x336__short__n{n}__{VARIANT}.json" for n in DECODE]
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multigpu")
-    cfg = {"model": "auto", "device": "cpu", "dtype": "auto", "weights": "random", "seed": 0,
-           "images": ["336x336"], "prompts": {"short": {"tokens": 16}}, "decode_tokens": [2, 3],
-           "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
-           "profile": {"warmup": 1, "runs": 2, "max_decode_steps": 3}}
-    (base / "config.yaml").write_text(yaml.safe_dump(cfg))
+    grid = ["--configfile", str(REPO / "tests" / "small_grid.yaml"), "--config", "images=[336x336]",
+            "select_prompts=[short]", f"decode_tokens=[{DECODE[0]},{DECODE[1]}]",
+            "protocol={warmup: 3, timed: 20, batch_size: 1}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "E1_GPU_", "CUDA_"))}
     env.update(CUDA_VISIBLE_DEVICES="3,5", E1_GPU_LOCK_DIR=str(base / "locks"), E1_GPU_CLAIM_ON_CPU="1",
                PATH=f"{fake_smi(base, SMI_FAILS)}:{env['PATH']}",
@@ -254,7 +258,7 @@ def two_runs(tmp_path_factory):
         work = base / mode
         work.mkdir()
         p = subprocess.run([sys.executable, "-m", "snakemake", *MEASURED, "--snakefile", str(REPO / "Snakefile"),
-                            "--directory", str(work), "--cores", "2", *extra, "--configfile", str(base / "config.yaml")],
+                            "--directory", str(work), "--cores", "2", *extra, *grid],
                            cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         dirs[mode] = work
@@ -265,6 +269,7 @@ def metas(work: Path) -> list[dict]:
     return [json.loads((work / t).read_text())["meta"] for t in MEASURED]
 
 
+@pytest.mark.slow
 def test_two_concurrent_measure_jobs_record_distinct_claims(two_runs):
     ms = metas(two_runs["concurrent"])
     claims = [m["env"]["gpu_claim"] for m in ms]
@@ -278,6 +283,7 @@ def test_two_concurrent_measure_jobs_record_distinct_claims(two_runs):
     assert min(x["end"] for x in w) <= max(x["start"] for x in w)  # one at a time
 
 
+@pytest.mark.slow
 def test_compare_script_reports_claims_overlap_and_medians(two_runs, tmp_path):
     out = tmp_path / "compare.json"
     p = subprocess.run([sys.executable, str(REPO / "benchmarks/multigpu_compare.py"), str(two_runs["concurrent"]),
@@ -299,7 +305,7 @@ def test_compare_script_reports_claims_overlap_and_medians(two_runs, tmp_path):
         a = {j["id"]: j for j in alone["jobs"]}[cid]["median_ms"]["e2e"]
         assert ratios["e2e"] == pytest.approx(c / a)
     assert "== concurrent: 2 jobs, distinct GPUs: True" in p.stdout
-    assert f"runs of 336x336__short__n2__{VARIANT} and 336x336__short__n3__{VARIANT} overlap" in p.stdout
+    assert f"runs of 336x336__short__n{DECODE[0]}__{VARIANT} and 336x336__short__n{DECODE[1]}__{VARIANT} overlap" in p.stdout
 
 
 def test_compare_script_reads_the_sampling_log(tmp_path):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from e1.arch import load_arch
+from e1.model.arch import load_arch
 from e1.model.build import build_model
-from e1.measure import compare_with_eager
+from e1.latency.measure import compare_with_eager
 from e1.model.graph_decode import StaticDecoder, check_graph_support
-from e1.timing import timed_generate
+from e1.latency.timing import timed_generate
 
 NEW = 40  # long enough that a frozen position or stale cache slot would change the tokens
 
@@ -42,14 +42,14 @@ def test_static_cache_too_small_is_an_error(model, inp):
 
 
 @pytest.mark.parametrize("device,attn,experts,bad", [
-    ("cpu", "sdpa", "grouped_mm", "needs a CUDA device"),
+    ("cpu", "sdpa", "grouped_mm", "needs device cuda; this run's device is 'cpu'"),
     ("cuda", "flash_attention_2", "grouped_mm", "attn_implementation 'flash_attention_2'"),
     ("cuda", "sdpa", "eager", "experts_implementation 'eager'"),
     ("cuda", "sdpa", "grouped_mm", "grouped_mm experts in float32"),
 ])
 def test_graph_support_errors_name_the_setting(device, attn, experts, bad):
     with pytest.raises(ValueError, match=bad):
-        check_graph_support(device, attn, experts, torch.float32)
+        check_graph_support({"attn_implementation": attn, "experts_implementation": experts}, device, torch.float32)
 
 
 def test_eager_comparison_agrees_on_cpu(model, inp):

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from e1.arch import load_arch
+from e1.model.arch import load_arch
 from e1.model.build import build_model, save_weights
-from e1.preprocess import build_input_ids, preprocess
+from e1.model.preprocess import build_input_ids, preprocess
 
 TINY = load_arch("molmoe-1b-tiny")
 VOCAB = 50304  # lm_head outputs

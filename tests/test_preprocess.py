@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e1.arch import load_arch
-from e1.preprocess import (
+from e1.model.arch import load_arch
+from e1.model.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     build_input_ids,

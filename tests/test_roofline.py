@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from e1 import flopcheck, flops, traffic
-from e1.arch import load_arch
-from e1.calibrate import calibrate
-from e1.correlation import loglog_fit, ranks, spearman
+from e1.roofline import flopcheck, flops, traffic
+from e1.model.arch import load_arch
+from e1.roofline.calibrate import calibrate
+from e1.roofline.correlation import loglog_fit, ranks, spearman
 from e1.findings import expected, findings, verdict
-from e1.flops_vs_latency import build, points_of
-from e1.inputs import make_prompt, synthetic_image
-from e1.measure import prepare
+from e1.roofline.flops_vs_latency import build, points_of
+from e1.inputs.images import synthetic_image
+from e1.inputs.prompts import make_prompt
+from e1.model.stage_inputs import prepare
 from e1.model.build import build_model
 
 ARCH = load_arch("molmoe-1b-tiny")
@@ -118,12 +119,25 @@ def test_calibrate_rejects_bad_dtype(tmp_path):
 
 # --- FLOPs vs latency ----------------------------------------------------------------------------------
 
-CAL = {"device": "test", "device_type": "cuda", "dtype": "bfloat16", "matmul_tflops": 500.0, "copy_gbps": 4000.0}
+CAL = {"device": "test", "device_type": "cuda", "dtype": "bfloat16", "matmul_tflops": 500.0, "copy_gbps": 4000.0,
+       "method": "given by the test"}
+
+
+# Session 1's H200 reference predates the sweep axes: its rows ran with what are now the knobs below.
+SESSION1_KNOBS = {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm", "decode_backend": "eager",
+                  "moe_top_k": 8, "max_crops": 12}
+
+
+def with_knobs(data: dict) -> dict:
+    for row in data["configs"]:
+        row.setdefault("knobs", dict(SESSION1_KNOBS))
+        row.setdefault("variant", "sdpa.grouped_mm.eager.k8.c12")
+    return data
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return json.loads((REFERENCE / "e1_stage_latency_breakdown.json").read_text())
+    return with_knobs(json.loads((REFERENCE / "e1_stage_latency_breakdown.json").read_text()))
 
 
 def _write(tmp_path, name, obj) -> Path:
@@ -171,7 +185,7 @@ def test_build_fits_spread_and_checks(reference, tmp_path):
     assert out["inversions"][0]["flops_ratio"] > 1 and out["inversions"][0]["latency_ratio"] > 1
     # the same work under another attention implementation, twice as slow: a spread of 2 per stage
     twin = copy.deepcopy(data["configs"][0])
-    twin["knobs"] = {"attn_implementation": "eager"}
+    twin["knobs"] = {**twin["knobs"], "attn_implementation": "eager"}
     for s in twin["stages"].values():
         s["median_ms"] *= 2
     data["configs"].append(twin)
@@ -234,11 +248,11 @@ def test_verdict_thresholds():
         "holds", "holds", "mixed", "does not hold", "does not hold", "not measured"]
 
 
-def test_findings_on_the_h200_reference(tmp_path):
-    fvl = build(REFERENCE / "e1_stage_latency_breakdown.json", _write(tmp_path, "cal.json", CAL), [],
-                tmp_path / "fvl.json")
-    r = findings(REFERENCE / "e1_stage_latency_breakdown.json", tmp_path / "fvl.json",
-                 REFERENCE / "e1_attention_ffn_breakdown.json", tmp_path / "f.md", tmp_path / "f.json")
+def test_findings_on_the_h200_reference(reference, tmp_path):
+    latency = _write(tmp_path, "latency.json", reference)
+    comp = _write(tmp_path, "comp.json", with_knobs(json.loads((REFERENCE / "e1_attention_ffn_breakdown.json").read_text())))
+    fvl = build(latency, _write(tmp_path, "cal.json", CAL), [], tmp_path / "fvl.json")
+    r = findings(latency, tmp_path / "fvl.json", comp, tmp_path / "f.md", tmp_path / "f.json")
     md = (tmp_path / "f.md").read_text()
     assert "NVIDIA H200" in md and "bfloat16" in md and "random weights" in md
     assert md.count("Criterion:") == 5

@@ -18,20 +18,14 @@ import yaml
 pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = {
-    "model": "auto", "device": "cpu", "dtype": "auto", "weights": "random", "seed": 0, "images": ["336x336"],
-    "prompts": {"short": {"tokens": 16}}, "decode_tokens": [2, 3],
-    "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
-    "profile": {"warmup": 1, "runs": 2, "max_decode_steps": 3},
-}
+SMALL_GRID = REPO / "tests" / "small_grid.yaml"
 GPU_RULES = ("measure", "profile", "calibrate", "flop_check")
 
 
-def dry_run(workdir: Path, *extra: str) -> str:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm", *extra,
-           "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml")]
+def dry_run(workdir: Path, device: str) -> str:
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(SMALL_GRID), "--config", f"device={device}",
+           "images=[336x336]", "select_prompts=[short]"]
     p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
                        text=True, timeout=120)
     out = p.stdout + p.stderr
@@ -50,14 +44,15 @@ def job_resources(out: str) -> dict[str, list[str]]:
     return res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_profile_resources(tmp_path, device):
     """One GPU (gres) per measure/profile job, gpu=0 so the plugin adds no --gpus; CPU rules small;
     the same request whether the head node planned for cuda (--config device=cuda) or for cpu."""
-    out = dry_run(tmp_path, "--config", f"device={device}")
+    out = dry_run(tmp_path, device)
     assert "workflow specific profile profiles/default" in out  # loaded with it, as for a user
     res = job_resources(out)
-    assert {*GPU_RULES, "aggregate", "findings"} <= set(res), sorted(res)
+    assert {*GPU_RULES, "stage_latency", "findings"} <= set(res), sorted(res)
     for rule, lines in res.items():
         for line in lines:
             fields = dict(f.split("=", 1) for f in line.split(", "))

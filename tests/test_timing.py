@@ -1,4 +1,4 @@
-"""Timing core: timed_generate's stage/step bookkeeping, Clock, summarize, run_rows, aggregate.
+"""Timing core: timed_generate's stage/step bookkeeping, Clock, summarize, run_rows, the stage latency table.
 
 CPU only, the tiny model (same architecture as MolmoE-1B, scaled down). Fast: well under 20 s.
 """
@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import e1.timing
-from e1.aggregate import SHARED, aggregate
-from e1.arch import load_arch
-from e1.measure import run_rows
-from e1.stats import summarize
+import e1.latency.timing
+from e1.latency.table import SHARED, stage_latency
+from e1.model.arch import load_arch
+from e1.latency.measure import run_rows
+from e1.latency.stats import summarize
 from e1.names import STAGES
-from e1.timing import CONVENTION, Clock, RunTiming, timed_generate
+from e1.latency.timing import CONVENTION, Clock, RunTiming, timed_generate
+from fakes import measure_summary, write
 
 ARCH = load_arch("molmoe-1b-tiny")
 CPU = torch.device("cpu")
@@ -102,7 +103,7 @@ def test_longer_run_extends_shorter(runs):
 # --- Clock (CPU) -------------------------------------------------------------------------------------
 
 class FakeClock:
-    """Stands in for the `time` module inside e1.timing: perf_counter only moves when slept."""
+    """Stands in for the `time` module inside e1.latency.timing: perf_counter only moves when slept."""
 
     def __init__(self, t0: float = 1000.0):
         self.now = t0
@@ -116,7 +117,7 @@ class FakeClock:
 
 def test_clock_intervals_are_consecutive_mark_differences(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(e1.timing, "time", SimpleNamespace(perf_counter=fake.perf_counter))
+    monkeypatch.setattr(e1.latency.timing, "time", SimpleNamespace(perf_counter=fake.perf_counter))
     sleeps = [0.003, 0.0, 0.0125, 0.5]
     c = Clock(CPU, n_marks=len(sleeps) + 1)
     assert not c.cuda
@@ -155,7 +156,7 @@ def test_clock_interval_covers_real_sleep():
 
 def test_clock_restart_resets_marks(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(e1.timing, "time", SimpleNamespace(perf_counter=fake.perf_counter))
+    monkeypatch.setattr(e1.latency.timing, "time", SimpleNamespace(perf_counter=fake.perf_counter))
     c = Clock(CPU, n_marks=2)
     c.start(); c.mark(); fake.sleep(1.0); c.mark(); c.stop()
     c.start(); c.mark(); fake.sleep(0.5); c.mark(); c.stop()
@@ -256,36 +257,16 @@ def test_run_rows_synthetic():
     ]
 
 
-# --- aggregate ---------------------------------------------------------------------------------------
-
-def _summary(cid: str, **meta_overrides) -> dict:
-    meta = {
-        "model": "molmoe-1b-tiny", "weights": "random", "seed": 0, "device": "CPU (x86_64, 2 threads)",
-        "device_type": "cpu", "dtype": "float32", "attn_implementation": "sdpa",
-        "experts_implementation": "grouped_mm", "torch": "2.x", "transformers": "5.x",
-        "convention": CONVENTION, "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
-        "build_s": 0.1, "env": {"host": "test"},
-    }
-    meta.update(meta_overrides)
-    stages = {s: summarize([1.0, 2.0]) for s in ("preprocess", *STAGES, "e2e", "unattributed")}
-    return {"id": cid, "image": "336x336", "prompt": "short", "decode_tokens": 2, "decode_steps": 1,
-            "stages": stages, "decode_step": summarize([1.0]), "tokens_identical_across_runs": True,
-            "meta": meta}
-
+# --- the stage latency table --------------------------------------------------------------------------
 
 def _write(tmp_path, summaries):
-    paths = []
-    for s in summaries:
-        p = tmp_path / f"{s['id']}.json"
-        p.write_text(json.dumps(s))
-        paths.append(p)
-    return paths
+    return [write(tmp_path / f"{s['id']}.json", s) for s in summaries]
 
 
-def test_aggregate_writes_meta_and_configs(tmp_path):
-    paths = _write(tmp_path, [_summary("a", build_s=0.1), _summary("b", build_s=0.2)])
-    out = tmp_path / "sub" / "breakdown.json"
-    result = aggregate(paths, out)
+def test_stage_latency_writes_meta_and_configs(tmp_path):
+    paths = _write(tmp_path, [measure_summary("a", build_s=0.1), measure_summary("b", build_s=0.2)])
+    out = tmp_path / "sub" / "table.json"
+    result = stage_latency(paths, out)
     on_disk = json.loads(out.read_text())
     assert on_disk == result
     assert set(on_disk) == {"meta", "configs"}
@@ -300,23 +281,23 @@ def test_aggregate_writes_meta_and_configs(tmp_path):
 
 
 @pytest.mark.parametrize("key,other", [("model", "molmoe-1b"), ("device", "NVIDIA H100"), ("dtype", "bfloat16")])
-def test_aggregate_refuses_to_mix_setups(tmp_path, key, other):
-    paths = _write(tmp_path, [_summary("a"), _summary("b"), _summary("c", **{key: other})])
-    out = tmp_path / "breakdown.json"
+def test_stage_latency_refuses_to_mix_setups(tmp_path, key, other):
+    paths = _write(tmp_path, [measure_summary("a"), measure_summary("b"), measure_summary("c", **{key: other})])
+    out = tmp_path / "table.json"
     with pytest.raises(ValueError, match=key) as err:
-        aggregate(paths, out)
-    assert other in str(err.value)
+        stage_latency(paths, out)
+    assert other in str(err.value) and str(paths[2]) in str(err.value)
     assert not out.exists()
 
 
-def test_aggregate_empty_raises(tmp_path):
+def test_stage_latency_empty_raises(tmp_path):
     with pytest.raises(ValueError):
-        aggregate([], tmp_path / "breakdown.json")
+        stage_latency([], tmp_path / "table.json")
 
 
 def test_cuda_request_without_gpu_is_refused(monkeypatch):
     """A job asked to measure on cuda never falls back to the CPU."""
-    from e1.device import resolve_device
+    from e1.jobs.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="refusing to measure on the CPU"):

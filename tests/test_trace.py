@@ -15,18 +15,22 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from e1 import breakdown
-from e1.arch import load_arch
-from e1.breakdown import aggregate, parse, summarize
-from e1.components import component_map, component_ranges
+from e1.profile import breakdown
+from e1.model.arch import load_arch
+from e1.profile.breakdown import config_breakdown, parse, study_breakdown
+from e1.profile.ranges import component_map, component_ranges
 from e1.names import COMP_RANGE as COMP
 from e1.names import RUN_RANGE as RUN
 from e1.names import STAGE_RANGE as STAGE
-from e1.inputs import make_prompt, write_image, write_prompt
+from e1.inputs.images import write_image
+from e1.inputs.prompts import make_prompt
+from e1.jobs.io import write_json
+from e1.jobs.spec import ProfileJob
+from fakes import KNOBS, VARIANT, measure_summary, write
 from e1.plots.breakdown import plot_breakdown
-from e1.profiling import profile_config
-from e1.timing import timed_generate
-from e1.trace import attribute, load_events
+from e1.profile.capture import profile_config
+from e1.latency.timing import timed_generate
+from e1.profile.trace import attribute, load_events
 
 ARCH = load_arch("molmoe-1b-tiny")
 CPU = torch.device("cpu")
@@ -243,7 +247,7 @@ def test_cuda_kernel_event_order_does_not_matter():
 def test_cuda_summary_unattributed_and_stages(cuda_attr):
     comp, stages, _ = cuda_attr
     routing = pd.DataFrame({"layer": [0, 0, 1, 1], "expert": [0, 1, 0, 1], "tokens": [3, 1, 2, 0]})
-    s = summarize(comp, stages, {"profiled_decode_steps": 1, "profiled_runs": [{"run": 0}, {"run": 1}]}, routing)
+    s = config_breakdown(comp, stages, {"profiled_decode_steps": 1, "profiled_runs": [{"run": 0}, {"run": 1}]}, routing)
     # stage "none": c12 + c13 + c14 + c99
     assert s["unattributed_kernels"] == {"count": 4, "time_ms": pytest.approx((8 + 3 + 6 + 7) / 1e3)}
     # vision: mean over runs 0 and 1 of the per-run values
@@ -267,7 +271,7 @@ def test_cuda_summary_unattributed_and_stages(cuda_attr):
 def test_summary_component_mean_is_over_all_runs(cuda_attr):
     comp, stages, _ = cuda_attr
     routing = pd.DataFrame({"layer": [0], "expert": [0], "tokens": [1]})
-    s = summarize(comp, stages, {"profiled_decode_steps": 1, "profiled_runs": [{"run": 0}, {"run": 1}]}, routing)
+    s = config_breakdown(comp, stages, {"profiled_decode_steps": 1, "profiled_runs": [{"run": 0}, {"run": 1}]}, routing)
     # moe_experts ran 90 µs in run 0 and not at all in run 1: the per-run mean over 2 runs is 45 µs
     assert s["stages"]["prefill"]["components_ms"]["moe_experts"] == pytest.approx(0.045)
 
@@ -433,16 +437,16 @@ def test_annotate_emits_stage_ranges(model, inp):
 # --- real CPU profile end to end -----------------------------------------------------------------
 
 SPEC = {"id": "t", "model": "molmoe-1b-tiny", "device": "cpu", "dtype": "float32", "weights": "random", "seed": 0,
-        "image": "336x336", "prompt": "short", "decode_tokens": 5, "warmup": 1, "profile_runs": 2,
-        "max_decode_steps": 3}
+        "variant": VARIANT, "knobs": KNOBS, "image": "336x336", "prompt": "short", "decode_tokens": 5, "warmup": 1,
+        "runs": 2, "max_decode_steps": 3}
 
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     d = tmp_path_factory.mktemp("profile")
     write_image(d / "img.png", 336, 336)
-    write_prompt(d / "prompt.json", make_prompt(ARCH, "short", 16, None, None))
-    spec = SPEC | {"image_path": str(d / "img.png"), "prompt_path": str(d / "prompt.json")}
+    write_json(d / "prompt.json", make_prompt(ARCH, "short", 16, None, None))
+    spec = ProfileJob(**SPEC, image_path=str(d / "img.png"), prompt_path=str(d / "prompt.json"))
     paths = {k: d / n for k, n in (("trace", "trace.json.gz"), ("profile", "profile.json"),
                                    ("routing", "routing.parquet"), ("comp", "comp.parquet"),
                                    ("stages", "stages.parquet"), ("summary", "summary.json"))}
@@ -585,15 +589,12 @@ def test_aggregate_and_plot(profiled, tmp_path):
     assert s2["id"] == "t2" and s2["stages"] == s1["stages"]
 
     def measured(cid, stage_ms, decode_ms):
-        m = {"id": cid, "stages": {k: {"median_ms": v} for k, v in stage_ms.items()},
-             "decode_step": None if decode_ms is None else {"median_ms": decode_ms}}
-        (tmp_path / f"measure_{cid}.json").write_text(json.dumps(m))
-        return tmp_path / f"measure_{cid}.json"
+        return write(tmp_path / f"measure_{cid}.json", measure_summary(cid, stage_ms, decode_ms))
 
     m1 = measured("t", {"vision_encoder": 2.0, "projector": 0.5, "prefill": 4.0}, 1.25)
     m2 = measured("t2", {"vision_encoder": 1.0, "projector": 0.0, "prefill": 8.0}, None)  # 0 ms -> no ratio
     out = tmp_path / "agg" / "breakdown.json"
-    res = aggregate([paths["summary"], tmp_path / "summary2.json"], [m1, m2, measured("other", {}, None)], out)
+    res = study_breakdown([paths["summary"], tmp_path / "summary2.json"], [m1, m2, measured("other", {}, None)], out)
     assert json.loads(out.read_text()) == res
     c1, c2 = res["configs"]
     assert c1["id"] == "t" and c2["id"] == "t2"
@@ -619,7 +620,7 @@ def test_aggregate_and_plot(profiled, tmp_path):
     assert "env" not in meta
 
     # a summary without a matching measure has no ratios
-    res2 = aggregate([paths["summary"]], [m2], tmp_path / "b2.json")
+    res2 = study_breakdown([paths["summary"]], [m2], tmp_path / "b2.json")
     assert "profiled_over_timed" not in res2["configs"][0]
 
     png = tmp_path / "fig" / "breakdown.png"

@@ -5,8 +5,9 @@ Snakefile. A copied Snakefile would look for src/e1/*.py next to the copy (Missi
 tests run the repository's own Snakefile with `--directory <tmp>` and a small test config passed with
 `--configfile`: all outputs (inputs/, results/, figures/, logs/, .snakemake/) land in the tmp dir.
 
-One real run of the small grid (8 measurement and 8 profile jobs, 1 calibration, 2 flop checks, the
-FLOPs/scaling/findings outputs) took 258 s on 2 CPU cores shared with other work; everything else is dry runs (about 1.5 s each). Module mtimes are bumped with os.utime and restored afterwards;
+One real run of the small grid (tests/small_grid.yaml: 8 measurement and 8 profile jobs, 1 calibration, 2 flop
+checks, the FLOPs/scaling/findings outputs) took 113 s on 2 CPU cores; everything else is dry runs (about 3 s
+each). Marked slow: `python -m pytest -m "not slow"` leaves these out. Module mtimes are bumped with os.utime and restored afterwards;
 file contents in the repository are never changed (see MTIME_ONLY for how a bump stands for an edit).
 """
 
@@ -27,44 +28,29 @@ import pandas as pd
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 TARGET = "figures/e1_stage_stack_plot.png"
 BREAKDOWN_FIGURE = "figures/e1_attention_ffn_breakdown.png"
 RUN = "molmoe-1b-tiny_cpu_float32"
-BREAKDOWN = "results/e1_stage_latency_breakdown.json"
+LATENCY = "results/e1_stage_latency_breakdown.json"
 FLOPS_FIGURE = "figures/e1_flops_vs_latency.png"
 SCALING_FIGURE = "figures/e1_scaling_curves.png"
 FLOPS_JSON = "results/e1_flops_vs_latency.json"
 # what every change to the stage latency breakdown reruns downstream of it (besides the stack plot)
-AFTER_BREAKDOWN = {"flops_vs_latency": 1, "plot_flops": 1, "plot_scaling": 1, "findings": 1}
+AFTER_LATENCY = {"flops_vs_latency": 1, "plot_flops": 1, "plot_scaling": 1, "findings": 1}
 
-TEST_CONFIG = {
-    "model": "auto",
-    "device": "cpu",
-    "dtype": "auto",
-    "weights": "random",
-    "seed": 0,
-    "images": ["336x336", "560x560"],
-    "prompts": {
-        "short": {"tokens": 16, "text": "What color is the car?"},
-        "long": {"tokens": 120, "text": "Describe the scene in detail."},
-    },
-    "decode_tokens": [2, 4],
-    "protocol": {"warmup": 3, "timed": 10, "batch_size": 1},
-    "profile": {"warmup": 1, "runs": 2, "max_decode_steps": 3},
-}
+SMALL_GRID = Path(__file__).resolve().parent / "small_grid.yaml"
+TEST_CONFIG = yaml.safe_load(SMALL_GRID.read_text())
 VARIANT = "sdpa.grouped_mm.eager.k2.c12"  # the defaults spelled out (tiny model: top-2 of 8 experts)
 CONFIG_IDS = [f"{i}__{p}__n{n}__{VARIANT}" for i in TEST_CONFIG["images"] for p in TEST_CONFIG["prompts"]
               for n in TEST_CONFIG["decode_tokens"]]
 STAGE_KEYS = ("vision_encoder", "projector", "prefill", "decode", "e2e", "unattributed")
 STAT_KEYS = ("mean_ms", "median_ms", "p95_ms", "p99_ms", "std_ms", "n")
-# Package files the measure rule depends on (workflow/rules/common.smk CODE_MEASURE and friends).
-WATCHED = [REPO / "src" / "e1" / f for f in (
-    "measure.py", "timing.py", "stats.py", "envinfo.py", "preprocess.py", "arch.py", "archs/molmoe-1b-tiny.json",
-    "model/molmoe.py", "model/vision.py", "model/connector.py", "model/build.py", "inputs.py", "describe.py",
-    "aggregate.py", "plots/stack.py", "plots/common.py", "calibrate.py", "flopcheck.py", "flops.py", "traffic.py",
-    "flops_vs_latency.py", "correlation.py", "findings.py", "plots/flops.py", "plots/scaling.py")]
+# Every package file: a rule's code inputs follow its imports (code() in workflow/rules/common.smk).
+WATCHED = sorted(p for p in (REPO / "src" / "e1").rglob("*") if p.suffix in (".py", ".json"))
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -139,7 +125,7 @@ def wf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def breakdown(wf):
     assert wf["rc"] == 0, wf["out"][-6000:]
-    return json.loads((wf["dir"] / BREAKDOWN).read_text())
+    return json.loads((wf["dir"] / LATENCY).read_text())
 
 
 def assert_package_unchanged(wf):
@@ -153,10 +139,11 @@ def assert_package_unchanged(wf):
 def test_run_succeeds(wf):
     assert wf["rc"] == 0, wf["out"][-6000:]
     counts = job_counts(wf["out"])
-    assert counts == {"image": 2, "prompt": 2, "measure": 8, "aggregate": 1, "plot_stack": 1, "profile": 8,
+    # spec: one file per measure (8), profile (8), flop_check (2) and calibrate (1) job
+    assert counts == {"image": 2, "prompt": 2, "spec": 19, "measure": 8, "stage_latency": 1, "plot_stack": 1, "profile": 8,
                       "parse_trace": 8, "breakdown": 1, "plot_breakdown": 1, "calibrate": 1, "flop_check": 2,
-                      **AFTER_BREAKDOWN, "all": 1}, wf["out"][-3000:]
-    assert (wf["dir"] / BREAKDOWN).is_file()
+                      **AFTER_LATENCY, "all": 1}, wf["out"][-3000:]
+    assert (wf["dir"] / LATENCY).is_file()
 
 
 def test_breakdown_configs(breakdown):
@@ -275,7 +262,7 @@ def test_parquet_rows_match_summaries(wf, breakdown):
 
 def test_second_run_does_nothing(wf, breakdown):
     assert_package_unchanged(wf)
-    outputs = [wf["dir"] / TARGET, wf["dir"] / BREAKDOWN,
+    outputs = [wf["dir"] / TARGET, wf["dir"] / LATENCY,
                *(wf["dir"] / f"results/{RUN}/measure/{cid}.parquet" for cid in CONFIG_IDS)]
     before = {p: p.stat().st_mtime_ns for p in outputs}
     for target in ([TARGET], []):  # the figure, and the default target (rule all)
@@ -301,7 +288,7 @@ MTIME_ONLY = ("--max-checksum-file-size", "0")
 
 def test_touch_without_edit_reruns_nothing(wf, breakdown):
     assert_package_unchanged(wf)
-    with bumped_mtime(REPO / "src/e1/timing.py"):
+    with bumped_mtime(REPO / "src/e1/latency/timing.py"):
         rc, out, _ = snakemake(wf["dir"], "-n")
     assert rc == 0, out[-3000:]
     assert "Nothing to be done" in out, out[-3000:]
@@ -318,9 +305,9 @@ def test_touch_plot_module_reruns_only_the_plot(wf, breakdown):
 @pytest.mark.parametrize("module, jobs", [
     ("plots/scaling.py", {"plot_scaling": 1}),
     ("findings.py", {"findings": 1}),
-    ("flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
+    ("roofline/flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
     # imported by other modules only: the rules' code inputs follow the imports
-    ("correlation.py", {"flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
+    ("roofline/correlation.py", {"flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
     ("plots/common.py", {"plot_stack": 1, "plot_breakdown": 1, "plot_flops": 1, "plot_scaling": 1}),
 ])
 def test_touch_flops_modules_reruns_only_their_jobs(wf, breakdown, module, jobs):
@@ -333,21 +320,35 @@ def test_touch_flops_modules_reruns_only_their_jobs(wf, breakdown, module, jobs)
 
 def test_touch_timing_module_reruns_all_measurements(wf, breakdown):
     assert_package_unchanged(wf)
-    with bumped_mtime(REPO / "src/e1/timing.py"):
+    with bumped_mtime(REPO / "src/e1/latency/timing.py"):
         rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "profile": 8, "parse_trace": 8,
-                               "breakdown": 1, "plot_breakdown": 1, "flop_check": 2, **AFTER_BREAKDOWN,
-                               "all": 1}, out[-3000:]
+    # the flop check runs the stage calls untimed: it does not depend on the timing core
+    assert job_counts(out) == {"measure": 8, "stage_latency": 1, "plot_stack": 1, "profile": 8, "parse_trace": 8,
+                               "breakdown": 1, "plot_breakdown": 1, **AFTER_LATENCY, "all": 1}, out[-3000:]
     assert measure_wildcards(out) == sorted(CONFIG_IDS)
 
 
-def test_touch_aggregate_module_reruns_aggregate_and_plot(wf, breakdown):
+def test_touch_table_module_reruns_what_reads_measure_summaries(wf, breakdown):
+    """e1/latency/table.py writes the table and holds the checked readers of measure summaries and of the
+    table: the breakdown (which reads summaries) and everything after the table rerun, no measurement."""
     assert_package_unchanged(wf)
-    with bumped_mtime(REPO / "src/e1/aggregate.py"):
+    with bumped_mtime(REPO / "src/e1/latency/table.py"):
         rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
     assert rc == 0, out[-3000:]
-    assert job_counts(out) == {"aggregate": 1, "plot_stack": 1, **AFTER_BREAKDOWN, "all": 1}, out[-3000:]
+    assert job_counts(out) == {"stage_latency": 1, "plot_stack": 1, "parse_trace": 8, "breakdown": 1,
+                               "plot_breakdown": 1, **AFTER_LATENCY, "all": 1}, out[-3000:]
+
+
+def test_touch_measure_module_reruns_only_measurements(wf, breakdown):
+    """The jobs' shared runtime is e1/jobs/, not the measure job: editing latency/measure.py reruns the measure
+    jobs and what follows them, no profile or flop-check job."""
+    assert_package_unchanged(wf)
+    with bumped_mtime(REPO / "src/e1/latency/measure.py"):
+        rc, out, _ = snakemake(wf["dir"], "-n", *MTIME_ONLY)
+    assert rc == 0, out[-3000:]
+    assert job_counts(out) == {"measure": 8, "stage_latency": 1, "plot_stack": 1, "breakdown": 1, "plot_breakdown": 1,
+                               **AFTER_LATENCY, "all": 1}, out[-3000:]
 
 
 def test_changing_one_prompt_reruns_only_its_jobs(wf, breakdown):
@@ -358,8 +359,8 @@ def test_changing_one_prompt_reruns_only_its_jobs(wf, breakdown):
     rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
     assert rc == 0, out[-3000:]
     # the flop check runs with the first prompt (short) only
-    assert job_counts(out) == {"prompt": 1, "measure": 4, "aggregate": 1, "plot_stack": 1, "profile": 4,
-                               "parse_trace": 4, "breakdown": 1, "plot_breakdown": 1, **AFTER_BREAKDOWN,
+    assert job_counts(out) == {"prompt": 1, "measure": 4, "stage_latency": 1, "plot_stack": 1, "profile": 4,
+                               "parse_trace": 4, "breakdown": 1, "plot_breakdown": 1, **AFTER_LATENCY,
                                "all": 1}, out[-3000:]
     assert "output: inputs/prompts/long.json" in out and "output: inputs/prompts/short.json" not in out
     assert out.count("reason: Params have changed since last execution") == 1, out[-3000:]  # the prompt job
@@ -374,10 +375,10 @@ def test_changing_timed_runs_reruns_all_measurements(wf, breakdown):
     rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
     assert rc == 0, out[-3000:]
     # the profile jobs do not depend on the timed-run count; the breakdown compares against the timed runs
-    assert job_counts(out) == {"measure": 8, "aggregate": 1, "plot_stack": 1, "breakdown": 1, "plot_breakdown": 1,
-                               **AFTER_BREAKDOWN, "all": 1}, out[-3000:]
+    assert job_counts(out) == {"spec": 8, "measure": 8, "stage_latency": 1, "plot_stack": 1, "breakdown": 1,
+                               "plot_breakdown": 1, **AFTER_LATENCY, "all": 1}, out[-3000:]
     assert measure_wildcards(out) == sorted(CONFIG_IDS)
-    assert out.count("reason: Params have changed since last execution") == 8, out[-3000:]
+    assert out.count("reason: Params have changed since last execution") == 8, out[-3000:]  # the measure specs
 
 
 def test_dry_runs_left_the_workdir_up_to_date(wf, breakdown):
@@ -402,13 +403,18 @@ BAD_CONFIGS = {
     "timed-5": (_bad(lambda c: c["protocol"].update(timed=5)),
                 ["5 is less than the minimum of 10", "['protocol']['timed']"]),
     "image-336": (_bad(lambda c: c.update(images=["336"])),
-                  ["'336' does not match '^[1-9][0-9]*x[1-9][0-9]*$'", "['images']"]),
+                  ["'336' does not match", "WIDTHxHEIGHT", "['images']"]),
     "decode-0": (_bad(lambda c: c.update(decode_tokens=[0])),
                  ["0 is less than the minimum of 1", "['decode_tokens']"]),
     "model-gpt2": (_bad(lambda c: c.update(model="gpt2")),
                    ["'gpt2' is not one of ['auto', 'molmoe-1b', 'molmoe-1b-tiny']", "['model']"]),
     "backend-graph": (_bad(lambda c: c.update(decode_backend="graph")),
-                      ["'graph' is not valid under any of the given schemas", "['decode_backend']"]),
+                      ["config: decode_backend 'graph'; allowed: eager, cuda_graph"]),
+    "top-k-text": (_bad(lambda c: c.update(moe_top_k="eight")),
+                   ["config: moe_top_k 'eight'; allowed: null (the model's own) or an integer from 1 to 8"]),
+    # bounded in the schema: the description says why
+    "image-99999": (_bad(lambda c: c.update(images=["99999x99999"])),
+                    ["'99999x99999' does not match", "each side 1..8192 px", "99999x99999 would need ~400 GB"]),
     "unknown-key": (_bad(lambda c: c.update(unknown_knob=1)),
                     ["Additional properties are not allowed ('unknown_knob' was unexpected)",
                      "'additionalProperties': False", "'properties': {'model'"]),
@@ -428,7 +434,7 @@ def test_schema_rejects_bad_config(empty_dir, name):
     path = write_config(work / "bad.yaml", cfg)
     rc, out, _ = snakemake(work, "-n", configfile=path)
     assert rc != 0, out[-3000:]
-    assert "Error validating config file" in out, out[-3000:]
+    assert ("Error validating config file" in out) == (not texts[0].startswith("config:")), out[-3000:]
     for t in texts:
         assert t in out, f"{t!r} not in:\n{out[-3000:]}"
     assert "Building DAG of jobs" not in out  # failed while parsing, before planning any job
@@ -470,7 +476,7 @@ def test_sweep_axes_multiply_the_grid(empty_dir):
     variants = {cid.split("__")[-1] for cid in measure_wildcards(out)}
     assert variants == {f"sdpa.{e}.eager.k{k}.c4" for e in ("grouped_mm", "batched_mm") for k in (1, 2)}
     assert job_counts(out)["measure"] == 8 * 4
-    assert '"moe_top_k": 1' in out and '"max_crops": 4' in out  # the job's spec carries its knobs
+    assert f"results/{RUN}/specs/measure/336x336__short__n2__sdpa.batched_mm.eager.k1.c4.json" in out  # its spec
 
 
 def test_cuda_graph_variants_are_measured_not_profiled(empty_dir):
@@ -487,15 +493,18 @@ def test_impossible_combinations_are_left_out_and_named(empty_dir):
                    experts_implementation=["grouped_mm", "eager"])
     assert rc == 0, out[-3000:]
     assert "1 variant(s) left out" in out and "sdpa.eager.cuda_graph.k8.c12: decode_backend cuda_graph with " \
-        "experts_implementation 'eager'; allowed: grouped_mm, batched_mm" in out, out[-3000:]
+        "experts_implementation 'eager' (its loop over the experts hit syncs with the host); allowed: grouped_mm, " \
+        "batched_mm" in out, out[-3000:]
     assert job_counts(out)["measure"] == 8 * 3
 
 
 @pytest.mark.parametrize("overrides,message", [
     ({"decode_backend": "cuda_graph"}, "decode_backend cuda_graph needs device cuda; this run's device is 'cpu'"),
     ({"device": "cuda", "decode_backend": "cuda_graph", "experts_implementation": "eager"},
-     "decode_backend cuda_graph with experts_implementation 'eager'; allowed: grouped_mm, batched_mm"),
-    ({"moe_top_k": 9}, "moe_top_k 9: molmoe-1b-tiny has 8 experts; allowed 1..8"),
+     "decode_backend cuda_graph with experts_implementation 'eager' (its loop over the experts hit syncs with "
+     "the host); allowed: grouped_mm, batched_mm"),
+    ({"moe_top_k": 9}, "moe_top_k 9; allowed: null (the model's own) or an integer from 1 to 8 (molmoe-1b-tiny has "
+                       "8 experts)"),
 ])
 def test_impossible_variants_fail_while_planning(tmp_path, overrides, message):
     rc, out = plan(tmp_path / "bad", **overrides)
@@ -526,9 +535,9 @@ def test_report_has_every_figure_caption_and_the_run_metadata(wf, breakdown):
     flat = " ".join(html.unescape(text).replace("\\n", " ").split())  # captions sit in JSON strings
     figures = sorted((wf["dir"] / "figures").glob("*.png"))
     assert {f.name for f in figures} >= {Path(TARGET).name, Path(BREAKDOWN_FIGURE).name}
-    items = [*figures, wf["dir"] / BREAKDOWN]
+    items = [*figures, wf["dir"] / LATENCY]
     captions = {f.name: REPO / "workflow" / "report" / f"{f.stem}.rst" for f in figures}
-    captions[Path(BREAKDOWN).name] = REPO / "workflow" / "report" / "run_metadata.rst"
+    captions[Path(LATENCY).name] = REPO / "workflow" / "report" / "run_metadata.rst"
     for item in items:
         m = re.search(rf"filename={re.escape(item.name)};base64,([A-Za-z0-9+/=]+)", text)
         assert m, f"{item.name} is not embedded in the report"
@@ -540,5 +549,5 @@ def test_report_has_every_figure_caption_and_the_run_metadata(wf, breakdown):
     assert "This run's grid (config.yaml): images 336x336, 560x560" in flat
     assert "short (16 tokens), long (120 tokens)" in flat
     assert "2, 4 new tokens per request" in flat
-    meta = json.loads((wf["dir"] / BREAKDOWN).read_text())["meta"]
+    meta = json.loads((wf["dir"] / LATENCY).read_text())["meta"]
     assert meta["torch"] and meta["transformers"] and meta["model"] == "molmoe-1b-tiny"

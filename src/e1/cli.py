@@ -1,5 +1,6 @@
-"""Command line: `e1 describe | image | prompt | measure | aggregate | plot-stack | profile | parse-trace |
-breakdown | plot-breakdown | calibrate | flop-check | flops-vs-latency | plot-flops | plot-scaling | findings`."""
+"""Command line: `e1 describe | check-config | image | measure | stage-latency | plot-stack | profile |
+parse-trace | breakdown | plot-breakdown | calibrate | flop-check | flops-vs-latency | plot-flops |
+plot-scaling | findings`. The workflow's rules call these; model jobs read their spec from a file."""
 
 from __future__ import annotations
 
@@ -15,82 +16,67 @@ def _describe(a: argparse.Namespace) -> None:
     print(json.dumps(d, indent=1) if a.json else render_table(d))
 
 
+def _check_config(a: argparse.Namespace) -> None:
+    from e1.configfile import load_config_file
+
+    for path in a.files:
+        load_config_file(path)
+        print(f"{path}: readable UTF-8 YAML")
+
+
 def _image(a: argparse.Namespace) -> None:
-    from e1.inputs import parse_size, write_image
+    from e1.inputs.images import parse_size, write_image
 
     write_image(a.out, *parse_size(a.size), seed=a.seed)
 
 
-def _prompt(a: argparse.Namespace) -> None:
-    from e1.arch import load_arch
-    from e1.inputs import make_prompt, write_prompt
+def _device_job(path: str, kind: str):
+    """A model job's spec (checked); claims the job's device first: a free GPU for `cuda` (before anything
+    touches CUDA), the host's CPU-measurement lock for `cpu` (e1.jobs.claims)."""
+    from e1.jobs.claims import claim_for
+    from e1.jobs.spec import KINDS, load
 
-    job = _json_object(a.job, "--job", ("model", "tokens"))
-    record = make_prompt(load_arch(job["model"]), a.name, job["tokens"], job.get("text"), job.get("tokenizer"),
-                         job.get("seed", 0))
-    write_prompt(a.out, record)
-
-
-def _json_object(text: str, option: str, required: tuple[str, ...] = ()) -> dict:
-    """The JSON object given to --spec/--job, with its required keys; errors name the option and the value."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{option} is not valid JSON ({e}): {text[:200]!r}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{option} must be a JSON object, got {text[:200]!r}")
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise ValueError(f"{option} lacks {missing}; required: {list(required)}")
-    return obj
-
-
-def _gpu_job(spec_json: str, option: str = "--spec", required: tuple[str, ...] = ("device",)) -> dict:
-    """A GPU job's spec; for device `cuda`, first claims one GPU for this process (e1.gpus), before anything
-    touches CUDA. Every command that runs on the GPU starts with this call."""
-    spec = _json_object(spec_json, option, required)
-    from e1.gpus import claim_for
-
-    claim_for(str(spec.get("device", "")))
+    spec = load(path, KINDS[kind])
+    claim_for(spec.device)
     return spec
 
 
 def _measure(a: argparse.Namespace) -> None:
-    spec = _gpu_job(a.spec)
-    from e1.measure import measure
+    spec = _device_job(a.spec, "measure")
+    from e1.latency.measure import measure
 
     measure(spec, a.out_parquet, a.out_json)
 
 
-def _aggregate(a: argparse.Namespace) -> None:
-    from e1.aggregate import aggregate
+def _stage_latency(a: argparse.Namespace) -> None:
+    from e1.latency.table import stage_latency
 
-    aggregate(a.summaries, a.out)
+    stage_latency(a.summaries, a.out)
 
 
 def _plot_stack(a: argparse.Namespace) -> None:
     from e1.plots.stack import plot_stack
 
-    plot_stack(a.breakdown, a.out)
+    plot_stack(a.latency, a.out)
 
 
 def _profile(a: argparse.Namespace) -> None:
-    spec = _gpu_job(a.spec)
-    from e1.profiling import profile_config
+    spec = _device_job(a.spec, "profile")
+    from e1.profile.capture import profile_config
 
     profile_config(spec, a.out_trace, a.out_json, a.out_routing)
 
 
 def _parse_trace(a: argparse.Namespace) -> None:
-    from e1.breakdown import parse
+    from e1.profile.breakdown import parse
 
     parse(a.trace, a.profile, a.routing, a.out_components, a.out_stages, a.out_json)
 
 
 def _breakdown(a: argparse.Namespace) -> None:
-    from e1.breakdown import aggregate
+    from e1.profile.breakdown import study_breakdown
 
-    aggregate(a.summaries, a.measured, a.out)
+    study_breakdown(a.summaries, a.measured, a.out)
 
 
 def _plot_breakdown(a: argparse.Namespace) -> None:
@@ -100,25 +86,23 @@ def _plot_breakdown(a: argparse.Namespace) -> None:
 
 
 def _calibrate(a: argparse.Namespace) -> None:
-    if set(_json_object(a.job, "--job")) != {"device", "dtype"}:  # checked before waiting for a GPU
-        raise ValueError(f"--job {a.job!r}: needs exactly the keys 'device' and 'dtype'")
-    job = _gpu_job(a.job, "--job")
-    from e1.calibrate import calibrate
+    spec = _device_job(a.spec, "calibrate")
+    from e1.roofline.calibrate import calibrate
 
-    calibrate(job["device"], job["dtype"], a.out)
+    calibrate(spec.device, spec.dtype, a.out)
 
 
 def _flop_check(a: argparse.Namespace) -> None:
-    spec = _gpu_job(a.spec)
-    from e1.flopcheck import flop_check
+    spec = _device_job(a.spec, "flop_check")
+    from e1.roofline.flopcheck import flop_check
 
     flop_check(spec, a.out)
 
 
 def _flops_vs_latency(a: argparse.Namespace) -> None:
-    from e1.flops_vs_latency import build
+    from e1.roofline.flops_vs_latency import build
 
-    build(a.breakdown, a.calibrate, a.flop_checks, a.out)
+    build(a.latency, a.calibrate, a.flop_checks, a.out)
 
 
 def _plot_flops(a: argparse.Namespace) -> None:
@@ -130,13 +114,13 @@ def _plot_flops(a: argparse.Namespace) -> None:
 def _plot_scaling(a: argparse.Namespace) -> None:
     from e1.plots.scaling import plot_scaling
 
-    plot_scaling(a.breakdown, a.parquets, a.out)
+    plot_scaling(a.latency, a.parquets, a.out)
 
 
 def _findings(a: argparse.Namespace) -> None:
     from e1.findings import findings
 
-    findings(a.breakdown, a.flops, a.components, a.out_md, a.out_json)
+    findings(a.latency, a.flops, a.components, a.out_md, a.out_json)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,36 +137,34 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--max-crops", type=int, default=None, help="image tiles allowed (default: the model's)")
     d.set_defaults(func=_describe)
 
+    cc = sub.add_parser("check-config", help="say where a config file is not UTF-8 YAML (file, line, column)")
+    cc.add_argument("files", nargs="+")
+    cc.set_defaults(func=_check_config)
+
     i = sub.add_parser("image", help="write a deterministic synthetic RGB image (PNG)")
     i.add_argument("--size", required=True, help="WIDTHxHEIGHT")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--out", required=True)
     i.set_defaults(func=_image)
 
-    q = sub.add_parser("prompt", help="write a prompt record (templated token ids) as JSON")
-    q.add_argument("--name", required=True)
-    q.add_argument("--job", required=True,
-                   help='JSON: {"model", "tokens" (used without tokenizer), "text", "tokenizer" (local dir), "seed"}')
-    q.add_argument("--out", required=True)
-    q.set_defaults(func=_prompt)
-
     m = sub.add_parser("measure", help="time one configuration (stage API, events, one sync per run)")
-    m.add_argument("--spec", required=True, help="JSON object: the job's configuration")
+    m.add_argument("--spec", required=True, help="the job's spec file (JSON, written by rule spec)")
     m.add_argument("--out-parquet", required=True)
     m.add_argument("--out-json", required=True)
     m.set_defaults(func=_measure)
 
-    g = sub.add_parser("aggregate", help="gather per-configuration summaries into one JSON")
+    g = sub.add_parser("stage-latency", help="gather measure summaries into the stage latency table (JSON)")
     g.add_argument("--out", required=True)
     g.add_argument("summaries", nargs="+")
-    g.set_defaults(func=_aggregate)
+    g.set_defaults(func=_stage_latency)
 
-    s = sub.add_parser("plot-stack", help="stacked stage bars from the aggregated JSON")
-    s.add_argument("--breakdown", required=True)
+    s = sub.add_parser("plot-stack", help="stacked stage bars from the stage latency table")
+    s.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_plot_stack)
+
     pr = sub.add_parser("profile", help="torch.profiler trace of one configuration with stage/component ranges")
-    pr.add_argument("--spec", required=True, help="JSON object: the job's configuration")
+    pr.add_argument("--spec", required=True, help="the job's spec file (JSON, written by rule spec)")
     pr.add_argument("--out-trace", required=True, help="Kineto trace (.json.gz)")
     pr.add_argument("--out-json", required=True)
     pr.add_argument("--out-routing", required=True, help="tokens per expert per layer in prefill (Parquet)")
@@ -197,29 +179,29 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--out-json", required=True)
     pt.set_defaults(func=_parse_trace)
 
-    b = sub.add_parser("breakdown", help="gather per-configuration breakdowns into one JSON")
+    b = sub.add_parser("breakdown", help="gather per-configuration component breakdowns into one JSON")
     b.add_argument("--out", required=True)
     b.add_argument("--summaries", nargs="+", required=True, help="parse-trace summaries (JSON)")
     b.add_argument("--measured", nargs="*", default=[], help="measure summaries (for profiled vs timed)")
     b.set_defaults(func=_breakdown)
 
-    pb = sub.add_parser("plot-breakdown", help="attention/FFN/router/other/idle bars from the breakdown JSON")
-    pb.add_argument("--breakdown", required=True)
+    pb = sub.add_parser("plot-breakdown", help="attention/FFN/router/other/idle bars from the component breakdown")
+    pb.add_argument("--breakdown", required=True, help="e1_attention_ffn_breakdown.json")
     pb.add_argument("--out", required=True)
     pb.set_defaults(func=_plot_breakdown)
 
     c = sub.add_parser("calibrate", help="measured matmul TFLOP/s and copy bandwidth of the device (roofline)")
-    c.add_argument("--job", required=True, help='JSON: {"device", "dtype"}')
+    c.add_argument("--spec", required=True, help="the job's spec file (JSON: device, dtype)")
     c.add_argument("--out", required=True)
     c.set_defaults(func=_calibrate)
 
     fc = sub.add_parser("flop-check", help="analytic FLOPs vs torch's FlopCounterMode on the stage calls")
-    fc.add_argument("--spec", required=True, help="JSON object: model, device, dtype, weights, seed, image, prompt")
+    fc.add_argument("--spec", required=True, help="the job's spec file (JSON, written by rule spec)")
     fc.add_argument("--out", required=True)
     fc.set_defaults(func=_flop_check)
 
     fl = sub.add_parser("flops-vs-latency", help="FLOPs, bytes, roofline and measured latency per stage (JSON)")
-    fl.add_argument("--breakdown", required=True, help="e1_stage_latency_breakdown.json")
+    fl.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
     fl.add_argument("--calibrate", required=True, help="the run's calibrate.json")
     fl.add_argument("--flop-checks", nargs="*", default=[], help="flop-check JSONs")
     fl.add_argument("--out", required=True)
@@ -231,13 +213,13 @@ def parser() -> argparse.ArgumentParser:
     pf.set_defaults(func=_plot_flops)
 
     ps = sub.add_parser("plot-scaling", help="prefill/decode scaling curves and per-step decode latency")
-    ps.add_argument("--breakdown", required=True)
+    ps.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
     ps.add_argument("--parquets", nargs="+", required=True, help="per-configuration measure Parquet files")
     ps.add_argument("--out", required=True)
     ps.set_defaults(func=_plot_scaling)
 
     fd = sub.add_parser("findings", help="the study's key questions and expected findings, from this run")
-    fd.add_argument("--breakdown", required=True, help="e1_stage_latency_breakdown.json")
+    fd.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
     fd.add_argument("--flops", required=True, help="e1_flops_vs_latency.json")
     fd.add_argument("--components", nargs="?", help="e1_attention_ffn_breakdown.json (absent: nothing profiled)")
     fd.add_argument("--out-md", required=True)

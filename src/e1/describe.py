@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from e1 import flops, traffic
-from e1.arch import Arch, load_arch
-from e1.inputs import parse_size
-from e1.preprocess import TEMPLATE_TOKENS, check_context, layout_for
+from e1.roofline import flops, traffic
+from e1.model.arch import Arch, load_arch
+from e1.inputs.images import parse_size
+from e1.model.preprocess import TEMPLATE_TOKENS, check_context, layout_for
 
 
 def param_counts(arch: Arch) -> dict[str, int]:
@@ -46,8 +46,8 @@ def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1,
         "bytes": traffic.stage_bytes(arch, counts, dtype_bytes=2),
         "convention": "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps; "
         "text tokens = prompt + 4 template tokens (' User', ':', ' Assistant', ':'); prefill adds BOS; "
-        "flops: analytic, 2 per multiply-add, matrix products only (see e1.flops); bytes: analytic minimum "
-        "device-memory traffic in bfloat16, uniform-routing expectation for prefill experts (see e1.traffic)",
+        "flops: analytic, 2 per multiply-add, matrix products only (see e1.roofline.flops); bytes: analytic minimum "
+        "device-memory traffic in bfloat16, uniform-routing expectation for prefill experts (see e1.roofline.traffic)",
     }
 
 

@@ -6,13 +6,16 @@ and the attention/FFN breakdown (profiler). Every verdict states its criterion; 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable
 
+from e1.jobs.io import write_json, write_text
+from e1.latency.table import read_latency
 from e1.names import GROUP_NAMES as GROUPS
 from e1.names import STAGES
+from e1.profile.breakdown import BREAKDOWN_RULE, read_breakdown
+from e1.roofline.flops_vs_latency import FLOPS_RULE, check_same_run, read_flops
 
 HOLDS, FAILS = 0.8, 0.2  # share of the regime's configurations in which the condition is true
 R2_WEAK, R2_STRONG = 0.5, 0.8  # log-log R² of latency on FLOPs: below WEAK = weak, at or above STRONG = strong
@@ -196,12 +199,6 @@ def expected(configs: list[dict], components: list[dict], fl: dict[str, Any]) ->
     return out
 
 
-def _check_same_run(meta: dict[str, Any], other: dict[str, Any], what: str) -> None:
-    diff = {k: (meta[k], other.get(k)) for k in ("model", "device_type", "dtype") if other.get(k) != meta[k]}
-    if diff:
-        raise ValueError(f"{what} comes from a different run than the latency breakdown: {diff}")
-
-
 def render(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = ["# E1 findings", "",
@@ -220,28 +217,31 @@ def render(result: dict[str, Any]) -> str:
     for i, f in enumerate(result["expected_findings"], 1):
         lines += [f"{i}. **{f['finding']}: {f['verdict']}.** Criterion: {f['criterion']}. Evidence: {f['evidence']}.",
                   ""]
+    flagged = result["flagged_configurations"]
+    lines += ["## Measurements to doubt", "", f"Rule: {m['flag_rule']}.", ""]
+    lines += [f"- {cid}: {'; '.join(why)}" for cid, why in flagged.items()] or ["- none"]
     return "\n".join(lines)
 
 
-def findings(breakdown_json: str | Path, flops_json: str | Path, components_json: str | Path | None,
+def findings(latency_json: str | Path, flops_json: str | Path, components_json: str | Path | None,
              out_md: str | Path, out_json: str | Path) -> dict[str, Any]:
     """Answer the questions and judge the expectations; write Markdown and JSON.
 
     components_json None: nothing was profiled (e.g. every variant decodes with CUDA graphs); the component
     questions and findings are then reported as not measured.
     """
-    bd = json.loads(Path(breakdown_json).read_text())
-    fl = json.loads(Path(flops_json).read_text())
-    comp = json.loads(Path(components_json).read_text()) if components_json else \
+    bd = read_latency(latency_json)
+    fl = read_flops(flops_json)
+    comp = read_breakdown(components_json) if components_json else \
         {"meta": {**bd["meta"], "convention": "nothing profiled"}, "configs": []}
     meta, configs = bd["meta"], bd["configs"]
-    if not configs:
-        raise ValueError(f"{breakdown_json} has no configurations")
-    _check_same_run(meta, fl["meta"], f"FLOPs vs latency {flops_json}")
-    _check_same_run(meta, comp["meta"], f"component breakdown {components_json}")
+    keys = ("model", "device_type", "dtype")
+    check_same_run(meta, fl["meta"], f"FLOPs vs latency {flops_json}", keys, FLOPS_RULE)
+    check_same_run(meta, comp["meta"], f"component breakdown {components_json}", keys, BREAKDOWN_RULE)
     result = {
         "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "torch", "protocol")},
                  "knobs": sorted({", ".join(f"{k}={v}" for k, v in p["knobs"].items()) for p in fl["points"]}),
+                 "flag_rule": meta.get("flag_rule", "no flags recorded"),
                  "conventions": {"timing": meta["convention"], "components": comp["meta"]["convention"],
                                  "flops": fl["meta"]["convention"],
                                  "shares": "a stage's share = its median latency / the sum of the four stages' "
@@ -249,8 +249,8 @@ def findings(breakdown_json: str | Path, flops_json: str | Path, components_json
         "questions": {"q1_dominant_stage": q1_dominant(configs), "q2_llm_components": q2_components(comp["configs"]),
                       "q3_regimes": q3_regimes(configs), "q4_flops": q4_flops(fl)},
         "expected_findings": expected(configs, comp["configs"], fl),
+        "flagged_configurations": {c["id"]: c["flags"] for c in configs if c.get("flags")},
     }
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
-    Path(out_md).write_text(render(result) + "\n")
+    write_json(out_json, result)
+    write_text(out_md, render(result) + "\n")
     return result

@@ -11,7 +11,7 @@
 #      real GPU cluster and see CUDA_VISIBLE_DEVICES=0);
 #   3. starts munged, slurmctld and slurmd in the foreground as background jobs, recording each PID, and
 #      waits until the node is idle;
-#   4. runs a small grid (1 image x 1 prompt x 2 decode lengths, device cpu) through
+#   4. runs a small grid (tests/small_grid.yaml narrowed to 1 image x 1 prompt x 2 decode lengths, cpu) through
 #      `snakemake --profile profiles/slurm` (profiles/default is loaded with it, as for a user), then the
 #      same grid locally in another directory;
 #   5. tests/slurm/check_slurm_run.py checks that every job went through sbatch with the profile's
@@ -216,24 +216,10 @@ scontrol show node "$NODE" | grep -q 'Gres=gpu:1' || die "node $NODE does not ad
 say "cluster up: $(sinfo -h -o '%P %D %t %c CPUs %m MB %G')"
 
 # --- 4. the same small grid on the cluster and locally --------------------------------------------------
-write_config() {
-  mkdir -p "$1"
-  cat > "$1/config.yaml" <<'EOF'
-model: auto
-device: cpu
-dtype: auto
-weights: random
-seed: 0
-images: ["336x336"]
-prompts:
-  short: {tokens: 16, text: "What color is the car?"}
-decode_tokens: [2, 3]
-protocol: {warmup: 3, timed: 10, batch_size: 1}
-profile: {warmup: 1, runs: 2, max_decode_steps: 3}
-EOF
-}
+# tests/small_grid.yaml, as every workflow test, narrowed with --config (1 image x 1 prompt x 2 decode lengths)
+GRID=(--configfile "$REPO/tests/small_grid.yaml" --config "images=[336x336]" "select_prompts=[short]" "decode_tokens=[2,4]")
 SLURM_WD="$T/cluster"; LOCAL_WD="$T/local"
-write_config "$SLURM_WD"; write_config "$LOCAL_WD"
+mkdir -p "$SLURM_WD" "$LOCAL_WD"
 
 cd "$REPO"
 say "cluster run: snakemake --profile profiles/slurm (timeout ${SLURM_RUN_TIMEOUT}s)"
@@ -242,7 +228,7 @@ t0=$SECONDS
 # it needs MinJobAge >= 3 x the initial status-check delay. No account: there is no accounting either.
 # SIGINT, not SIGTERM, stops snakemake (it then cancels its SLURM jobs).
 if ! timeout -s INT -k 30 "$SLURM_RUN_TIMEOUT" "$PY" -m snakemake --snakefile "$REPO/Snakefile" \
-    --directory "$SLURM_WD" --configfile "$SLURM_WD/config.yaml" --profile profiles/slurm \
+    --directory "$SLURM_WD" "${GRID[@]}" --profile profiles/slurm \
     --slurm-status-command squeue --slurm-init-seconds-before-status-checks 5 \
     --slurm-no-account --slurm-keep-successful-logs >"$T/log/snakemake-cluster.log" 2>&1; then
   tail -n 80 "$T/log/snakemake-cluster.log"
@@ -256,7 +242,7 @@ scontrol show job --details --oneliner > "$T/jobs.txt"   # finished jobs stay Mi
 say "local run of the same grid (timeout ${LOCAL_RUN_TIMEOUT}s)"
 t0=$SECONDS
 if ! CUDA_VISIBLE_DEVICES= timeout -k 30 "$LOCAL_RUN_TIMEOUT" "$PY" -m snakemake --snakefile "$REPO/Snakefile" \
-    --directory "$LOCAL_WD" --configfile "$LOCAL_WD/config.yaml" --cores 2 >"$T/log/snakemake-local.log" 2>&1; then
+    --directory "$LOCAL_WD" "${GRID[@]}" --cores 2 >"$T/log/snakemake-local.log" 2>&1; then
   tail -n 60 "$T/log/snakemake-local.log"
   die "the local run failed (snakemake output above)"
 fi

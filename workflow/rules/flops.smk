@@ -5,99 +5,98 @@ rule calibrate:
     conda:
         "../../envs/gpu.yaml"
     input:
-        code=CODE_CALIBRATE,
+        spec=spec_input("calibrate", "device"),
+        code=code("roofline/calibrate.py", "jobs/claims.py"),
     output:
         f"results/{RUN}/calibrate.json",
-    params:
-        job=calibrate_params,
     threads: 1 if ON_GPU else workflow.cores
     resources:
         gpu=1 if ON_GPU else 0,
     log:
         f"logs/{RUN}/calibrate.log",
     shell:
-        "{E1} calibrate --job {params.job:q} --out {output} 2> {log}"
+        "{E1} {log} calibrate --spec {input.spec} --out {output}"
 
 
 rule flop_check:
     conda:
         "../../envs/gpu.yaml"
     input:
-        image="inputs/images/{image}.png",
-        prompt="inputs/prompts/{prompt}.json",
-        code=CODE_FLOPCHECK,
+        spec=spec_input("flop_check", "{image}__{prompt}__{variant}"),
+        image=rules.image.output[0],
+        prompt=rules.prompt.output[0],
+        code=code("roofline/flopcheck.py", "jobs/claims.py"),
     output:
         f"results/{RUN}/flopcheck/{{image}}__{{prompt}}__{{variant}}.json",
-    params:
-        spec=flopcheck_spec,
     threads: 1 if ON_GPU else workflow.cores
     resources:
         gpu=1 if ON_GPU else 0,
     log:
         f"logs/{RUN}/flop_check/{{image}}__{{prompt}}__{{variant}}.log",
     shell:
-        "{E1} flop-check --spec {params.spec:q} --out {output} 2> {log}"
+        "{E1} {log} flop-check --spec {input.spec} --out {output}"
 
 
 rule flops_vs_latency:
     conda:
         "../../envs/analysis.yaml"
     input:
-        breakdown="results/e1_stage_latency_breakdown.json",
-        calibrate=f"results/{RUN}/calibrate.json",
-        checks=all_flopchecks,
-        code=CODE_FLOPS_VS_LATENCY,
+        latency=rules.stage_latency.output[0],
+        calibrate=rules.calibrate.output[0],
+        checks=[rules.flop_check.output[0].format(image=image, prompt=FIRST_PROMPT, variant=variant)
+                for image in config["images"] for variant in FLOPCHECK_VARIANTS],
+        code=code("roofline/flops_vs_latency.py"),
     output:
         "results/e1_flops_vs_latency.json",
     log:
         "logs/flops_vs_latency.log",
     shell:
-        "{E1} flops-vs-latency --breakdown {input.breakdown} --calibrate {input.calibrate}"
-        " --flop-checks {input.checks} --out {output} 2> {log}"
+        "{E1} {log} flops-vs-latency --latency {input.latency} --calibrate {input.calibrate}"
+        " --flop-checks {input.checks} --out {output}"
 
 
 rule plot_flops:
     conda:
         "../../envs/analysis.yaml"
     input:
-        flops="results/e1_flops_vs_latency.json",
-        code=CODE_PLOT_FLOPS,
+        flops=rules.flops_vs_latency.output[0],
+        code=code("plots/flops.py"),
     output:
         figure("e1_flops_vs_latency"),
     log:
         "logs/plot_flops.log",
     shell:
-        "{E1} plot-flops --flops {input.flops} --out {output} 2> {log}"
+        "{E1} {log} plot-flops --flops {input.flops} --out {output}"
 
 
 rule plot_scaling:
     conda:
         "../../envs/analysis.yaml"
     input:
-        breakdown="results/e1_stage_latency_breakdown.json",
-        parquets=all_parquets,
-        code=CODE_PLOT_SCALING,
+        latency=rules.stage_latency.output[0],
+        parquets=per_config(rules.measure.output.parquet, CONFIGS),
+        code=code("plots/scaling.py"),
     output:
         figure("e1_scaling_curves"),
     log:
         "logs/plot_scaling.log",
     shell:
-        "{E1} plot-scaling --breakdown {input.breakdown} --parquets {input.parquets} --out {output} 2> {log}"
+        "{E1} {log} plot-scaling --latency {input.latency} --parquets {input.parquets} --out {output}"
 
 
 rule findings:
     conda:
         "../../envs/analysis.yaml"
     input:
-        breakdown="results/e1_stage_latency_breakdown.json",
-        flops="results/e1_flops_vs_latency.json",
-        components=findings_components,
-        code=CODE_FINDINGS,
+        latency=rules.stage_latency.output[0],
+        flops=rules.flops_vs_latency.output[0],
+        components=rules.breakdown.output if PROFILED else [],
+        code=code("findings.py"),
     output:
         md="results/e1_findings.md",
         json="results/e1_findings.json",
     log:
         "logs/findings.log",
     shell:
-        "{E1} findings --breakdown {input.breakdown} --flops {input.flops} --components {input.components}"
-        " --out-md {output.md} --out-json {output.json} 2> {log}"
+        "{E1} {log} findings --latency {input.latency} --flops {input.flops} --components {input.components}"
+        " --out-md {output.md} --out-json {output.json}"

@@ -5,18 +5,17 @@ rule measure:
     conda:
         "../../envs/gpu.yaml"
     input:
-        image="inputs/images/{image}.png",
-        prompt="inputs/prompts/{prompt}.json",
-        code=CODE_MEASURE,
+        spec=spec_input("measure", CONFIG),
+        image=rules.image.output[0],
+        prompt=rules.prompt.output[0],
+        code=code("latency/measure.py", "jobs/claims.py"),
     output:
-        parquet=measure_path("parquet"),
-        summary=measure_path("json"),
-    params:
-        spec=measure_spec,
+        parquet=f"results/{RUN}/measure/{CONFIG}.parquet",
+        summary=f"results/{RUN}/measure/{CONFIG}.json",
     threads: 1 if ON_GPU else workflow.cores
     resources:
         gpu=1 if ON_GPU else 0,
     log:
         f"logs/{RUN}/measure/{CONFIG}.log",
     shell:
-        "{E1} measure --spec {params.spec:q} --out-parquet {output.parquet} --out-json {output.summary} 2> {log}"
+        "{E1} {log} measure --spec {input.spec} --out-parquet {output.parquet} --out-json {output.summary}"

@@ -1,29 +1,29 @@
-# Figures from the aggregated results.
+# Figures from the stage latency table and the component breakdown.
 
 
 rule plot_stack:
     conda:
         "../../envs/analysis.yaml"
     input:
-        breakdown="results/e1_stage_latency_breakdown.json",
-        code=CODE_PLOT_STACK,
+        latency=rules.stage_latency.output[0],
+        code=code("plots/stack.py"),
     output:
         figure("e1_stage_stack_plot"),
     log:
         "logs/plot_stack.log",
     shell:
-        "{E1} plot-stack --breakdown {input.breakdown} --out {output} 2> {log}"
+        "{E1} {log} plot-stack --latency {input.latency} --out {output}"
 
 
 rule plot_breakdown:
     conda:
         "../../envs/analysis.yaml"
     input:
-        breakdown="results/e1_attention_ffn_breakdown.json",
-        code=CODE_PLOT_BREAKDOWN,
+        breakdown=rules.breakdown.output[0],
+        code=code("plots/breakdown.py"),
     output:
         figure("e1_attention_ffn_breakdown"),
     log:
         "logs/plot_breakdown.log",
     shell:
-        "{E1} plot-breakdown --breakdown {input.breakdown} --out {output} 2> {log}"
+        "{E1} {log} plot-breakdown --breakdown {input.breakdown} --out {output}"

@@ -1,37 +1,37 @@
-# torch.profiler traces with stage/component ranges (GPU jobs, separate from the timed runs).
+# torch.profiler traces with stage/component ranges (GPU jobs, separate from the timed runs), their
+# attribution to components, and the study's component breakdown.
 
 
 rule profile:
     conda:
         "../../envs/gpu.yaml"
     input:
-        image="inputs/images/{image}.png",
-        prompt="inputs/prompts/{prompt}.json",
-        code=CODE_PROFILE,
+        spec=spec_input("profile", CONFIG),
+        image=rules.image.output[0],
+        prompt=rules.prompt.output[0],
+        code=code("profile/capture.py", "jobs/claims.py"),
     output:
-        trace=profile_path("trace.json.gz"),
-        summary=profile_path("json"),
-        routing=profile_path("routing.parquet"),
-    params:
-        spec=profile_spec,
+        trace=f"results/{RUN}/profile/{CONFIG}.trace.json.gz",
+        summary=f"results/{RUN}/profile/{CONFIG}.json",
+        routing=f"results/{RUN}/profile/{CONFIG}.routing.parquet",
     threads: 1 if ON_GPU else workflow.cores
     resources:
         gpu=1 if ON_GPU else 0,
     log:
         f"logs/{RUN}/profile/{CONFIG}.log",
     shell:
-        "{E1} profile --spec {params.spec:q} --out-trace {output.trace} --out-json {output.summary}"
-        " --out-routing {output.routing} 2> {log}"
+        "{E1} {log} profile --spec {input.spec} --out-trace {output.trace} --out-json {output.summary}"
+        " --out-routing {output.routing}"
 
 
 rule parse_trace:
     conda:
         "../../envs/analysis.yaml"
     input:
-        trace=profile_path("trace.json.gz"),
-        summary=profile_path("json"),
-        routing=profile_path("routing.parquet"),
-        code=CODE_PARSE,
+        trace=rules.profile.output.trace,
+        summary=rules.profile.output.summary,
+        routing=rules.profile.output.routing,
+        code=code("profile/breakdown.py"),
     output:
         components=f"results/{RUN}/breakdown/{CONFIG}.components.parquet",
         stages=f"results/{RUN}/breakdown/{CONFIG}.stages.parquet",
@@ -39,20 +39,20 @@ rule parse_trace:
     log:
         f"logs/{RUN}/parse_trace/{CONFIG}.log",
     shell:
-        "{E1} parse-trace --trace {input.trace} --profile {input.summary} --routing {input.routing}"
-        " --out-components {output.components} --out-stages {output.stages} --out-json {output.summary} 2> {log}"
+        "{E1} {log} parse-trace --trace {input.trace} --profile {input.summary} --routing {input.routing}"
+        " --out-components {output.components} --out-stages {output.stages} --out-json {output.summary}"
 
 
 rule breakdown:
     conda:
         "../../envs/analysis.yaml"
     input:
-        summaries=all_breakdowns,
-        measured=profiled_summaries,
-        code=CODE_PARSE,
+        summaries=per_config(rules.parse_trace.output.summary, PROFILED),
+        measured=per_config(rules.measure.output.summary, PROFILED),
+        code=code("profile/breakdown.py"),
     output:
         "results/e1_attention_ffn_breakdown.json",
     log:
         "logs/breakdown.log",
     shell:
-        "{E1} breakdown --out {output} --summaries {input.summaries} --measured {input.measured} 2> {log}"
+        "{E1} {log} breakdown --out {output} --summaries {input.summaries} --measured {input.measured}"

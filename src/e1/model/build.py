@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -11,7 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from e1.arch import Arch, load_arch
+from e1.jobs.io import atomic_path, read_json, write_json
+from e1.knobs import AXES
+from e1.model.arch import Arch, load_arch
 from e1.model.molmoe import MolmoE
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -59,8 +60,8 @@ def build_model(
     dtype: str = "float32",
     weights: str = "random",
     seed: int = 0,
-    attn_implementation: str = "sdpa",
-    experts_implementation: str = "grouped_mm",
+    attn_implementation: str = AXES["attn_implementation"].default,
+    experts_implementation: str = AXES["experts_implementation"].default,
 ) -> MolmoE:
     """Build MolmoE on `device` in `dtype`.
 
@@ -86,9 +87,9 @@ def build_model(
 def save_weights(model: MolmoE, directory: str | Path) -> Path:
     """Write model.safetensors + e1_model.json (the arch name) into `directory`."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-    (out / META_FILE).write_text(json.dumps({"model": model.arch.name}) + "\n")
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(out / META_FILE, {"model": model.arch.name})
     return out
 
 
@@ -103,11 +104,16 @@ def load_weights(model: MolmoE, directory: str | Path) -> None:
         )
     meta = path / META_FILE
     if meta.is_file():
-        saved = json.loads(meta.read_text()).get("model")
+        saved = read_json(meta, None).get("model")
         if saved != model.arch.name:
             raise ValueError(f"checkpoint {str(directory)!r} is for model {saved!r}, not {model.arch.name!r}")
     device = next(model.parameters()).device
-    state = load_file(str(file), device=str(device))
+    try:
+        state = load_file(str(file), device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError (header too large, truncated, ...)
+        raise ValueError(f"weights file {str(file)!r} cannot be read as safetensors ({type(e).__name__}: {e}): "
+                         "truncated or not a checkpoint? Use weights: random, or a directory written by e1's "
+                         "save_weights") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e1.arch import Arch
+from e1.model.arch import Arch
 
 
 class AttentionMeanQPool(nn.Module):

@@ -17,29 +17,14 @@ import time
 import torch
 from transformers import DynamicCache
 
+from e1.knobs import problem
 from e1.model.molmoe import _CACHE_KW, MolmoE
 
-DECODE_BACKENDS = ("eager", "cuda_graph")
-GRAPH_ATTN = ("sdpa", "eager")  # flash_attention_2 takes no additive mask over a static cache
-GRAPH_EXPERTS = ("grouped_mm", "batched_mm")  # transformers' eager experts loop syncs with the host
-
-
-def check_graph_support(device_type: str, attn_implementation: str, experts_implementation: str,
-                        dtype: torch.dtype = torch.bfloat16) -> None:
-    """Raise naming the setting that makes a captured decode step impossible."""
-    if device_type != "cuda":
-        raise ValueError(f"decode_backend 'cuda_graph' needs a CUDA device; this job runs on {device_type!r}")
-    if attn_implementation not in GRAPH_ATTN:
-        raise ValueError(f"decode_backend 'cuda_graph' with attn_implementation {attn_implementation!r}; "
-                         f"allowed: {', '.join(GRAPH_ATTN)}")
-    if experts_implementation not in GRAPH_EXPERTS:
-        raise ValueError(f"decode_backend 'cuda_graph' with experts_implementation {experts_implementation!r} "
-                         f"(its loop over hit experts syncs with the host); allowed: {', '.join(GRAPH_EXPERTS)}")
-    if experts_implementation == "grouped_mm" and dtype != torch.bfloat16:
-        # seen on the H200 with torch 2.11: torch._grouped_mm in float32 copies its offsets to the host
-        raise ValueError(f"decode_backend 'cuda_graph' with grouped_mm experts in {str(dtype).removeprefix('torch.')} "
-                         "(grouped_mm copies its offsets to the host outside bfloat16); allowed: bfloat16, "
-                         "or batched_mm experts")
+def check_graph_support(knobs: dict, device_type: str, dtype: torch.dtype) -> None:
+    """Raise naming the setting that makes a captured decode step impossible (rules: e1.knobs.problem)."""
+    why = problem({**knobs, "decode_backend": "cuda_graph"}, device_type, str(dtype).removeprefix("torch."))
+    if why:
+        raise ValueError(why)
 
 
 class StaticKV:

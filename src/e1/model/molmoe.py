@@ -16,12 +16,13 @@ from torch import nn
 from transformers import DynamicCache, OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeForCausalLM, OlmoeModel
 
-from e1.arch import Arch
+from e1.knobs import AXES
+from e1.model.arch import Arch
 from e1.model.connector import Connector
 from e1.model.vision import VisionEncoder
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+ATTN_IMPLEMENTATIONS = AXES["attn_implementation"].allowed
+EXPERTS_IMPLEMENTATIONS = tuple(v for v in AXES["experts_implementation"].allowed if v != "auto")  # concrete ones
 
 # transformers renamed the cache argument (past_key_values -> cache) during 5.x; accept either.
 _CACHE_KW = "cache" if "cache" in inspect.signature(OlmoeModel.forward).parameters else "past_key_values"
@@ -54,7 +55,8 @@ def olmoe_config(arch: Arch, attn_implementation: str, experts_implementation: s
 class MolmoE(nn.Module):
     """Vision encoder + connector + OLMoE LM. The token table has vocab_size + extra_vocab rows."""
 
-    def __init__(self, arch: Arch, attn_implementation: str = "sdpa", experts_implementation: str = "grouped_mm"):
+    def __init__(self, arch: Arch, attn_implementation: str = AXES["attn_implementation"].default,
+                 experts_implementation: str = AXES["experts_implementation"].default):
         super().__init__()
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation {attn_implementation!r}; allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from e1.arch import Arch
+from e1.model.arch import Arch
 
 
 class VisionEncoder(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from e1.plots.common import save, title_for  # noqa: E402
+from e1.profile.breakdown import read_breakdown  # noqa: E402
 
 PARTS = ("attention", "FFN / MoE experts", "MoE router", "other", "idle")
 COLORS = {"attention": "#4C72B0", "FFN / MoE experts": "#C44E52", "MoE router": "#DD8452", "other": "#8C8C8C",
@@ -24,7 +24,7 @@ def _parts(entry: dict) -> dict[str, float]:
 
 
 def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
-    data = json.loads(Path(breakdown_json).read_text())
+    data = read_breakdown(breakdown_json)
     meta = data["meta"]
     configs = sorted(data["configs"], key=lambda c: (c["counts"]["vit_crops"], c["counts"]["prefill_tokens"],
                                                      c["decode_tokens"], c["variant"]))

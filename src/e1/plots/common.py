@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from e1.jobs.io import atomic_path  # noqa: E402
+
 # The four stages, in pipeline order, as every figure colours and names them.
 COLORS = {"vision_encoder": "#4C72B0", "projector": "#DD8452", "prefill": "#55A868", "decode": "#C44E52"}
 LABELS = {"vision_encoder": "vision encoder", "projector": "projector", "prefill": "LLM prefill",
@@ -21,8 +23,8 @@ def title_for(title: str, model: str, sep: str = " — ") -> str:
 
 
 def save(fig: plt.Figure, out_png: str | Path) -> None:
-    """Lay out, write the PNG (130 dpi, parent folders made) and close the figure."""
+    """Lay out, write the PNG atomically (130 dpi, parent folders made) and close the figure."""
     fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=130)
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
+from e1.roofline.flops_vs_latency import read_flops  # noqa: E402
 
 STAGES = tuple(COLORS)  # vision_encoder, projector, prefill, decode
 
@@ -89,7 +89,7 @@ def _efficiency(ax, points: list[dict]) -> None:
 
 
 def plot_flops(flops_json: str | Path, out_png: str | Path) -> None:
-    data = json.loads(Path(flops_json).read_text())
+    data = read_flops(flops_json)
     meta, points, cal = data["meta"], data["points"], data["meta"]["calibration"]
     fig, (ax, ax_eff) = plt.subplots(1, 2, figsize=(14, 6.5), gridspec_kw={"width_ratios": [2.2, 1]})
     _scatter(ax, points, data)

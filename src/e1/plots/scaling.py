@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from e1.jobs.io import ArtifactError, rebuild_hint  # noqa: E402
+from e1.latency.table import read_latency  # noqa: E402
 from e1.plots.common import save, title_for  # noqa: E402
 
 
@@ -25,16 +26,29 @@ def _label(name: str, s: float | None, unit: str) -> str:
     return f"{name}: {'n/a' if s is None else format(s, '.3g')} {unit}"
 
 
+def read_rows(path: str | Path) -> pd.DataFrame:
+    """A measure job's per-run rows (Parquet), checked: the columns, and every ms finite and >= 0."""
+    try:
+        df = pd.read_parquet(path, columns=["config_id", "stage", "step", "ms"])
+    except Exception as e:  # pyarrow raises several types for missing, truncated or foreign files
+        raise ArtifactError(f"{path}: cannot be read as the measure rows ({type(e).__name__}: {e}); "
+                            f"{rebuild_hint(path, 'measure')}") from None
+    timed = df[df.stage != "unattributed"].ms
+    if df.empty or not np.isfinite(df.ms).all() or (timed < 0).any():
+        raise ArtifactError(f"{path}: ms must be finite and >= 0 in at least one row; {rebuild_hint(path, 'measure')}")
+    return df
+
+
 def step_medians(parquets: list[str | Path], prefill_tokens: dict[str, int]) -> pd.DataFrame:
     """Median over timed runs of every decode step: config_id, step, position (cache length before it), ms."""
-    df = pd.concat([pd.read_parquet(p, columns=["config_id", "stage", "step", "ms"]) for p in parquets])
+    df = pd.concat([read_rows(p) for p in parquets])
     steps = df[df.stage == "decode_step"].groupby(["config_id", "step"], as_index=False)["ms"].median()
     steps["position"] = steps.config_id.map(prefill_tokens) + steps.step - 1
     return steps
 
 
-def plot_scaling(breakdown_json: str | Path, parquets: list[str | Path], out_png: str | Path) -> None:
-    data = json.loads(Path(breakdown_json).read_text())
+def plot_scaling(latency_json: str | Path, parquets: list[str | Path], out_png: str | Path) -> None:
+    data = read_latency(latency_json)
     meta, configs = data["meta"], data["configs"]
     rows = pd.DataFrame([{"id": c["id"], "variant": c.get("variant") or "", "image": c["image"],
                           "crops": c["counts"]["vit_crops"],

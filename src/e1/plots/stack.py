@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -11,9 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from e1.inputs import parse_size  # noqa: E402
-from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
+from e1.inputs.images import parse_size  # noqa: E402
+from e1.latency.table import read_latency  # noqa: E402
 from e1.names import STAGES  # noqa: E402
+from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
 
 
 def image_area(size: str) -> int:
@@ -34,8 +35,12 @@ def subtitle(meta: dict, configs: list[dict]) -> str:
             f"means of {meta['protocol']['timed']} timed runs after {meta['protocol']['warmup']} warm-up")
 
 
-def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
-    data = json.loads(Path(breakdown_json).read_text())
+def plot_stack(latency_json: str | Path, out_png: str | Path) -> None:
+    save(stack_figure(read_latency(latency_json)), out_png)
+
+
+def stack_figure(data: dict) -> plt.Figure:
+    """The stack plot of a stage latency table (three panels: ms, %, the stages before decode)."""
     meta, configs = data["meta"], data["configs"]
     # group: image (outer, by pixel count) -> prompt length -> decode length -> variant
     configs = sorted(configs, key=lambda c: (image_area(c["image"]), c["prompt_tokens"], c["decode_tokens"],
@@ -88,6 +93,7 @@ def plot_stack(breakdown_json: str | Path, out_png: str | Path) -> None:
                        xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
     fig.suptitle(title_for("E1: where MolmoE inference time goes, by stage", meta["model"], "\n"), fontsize=13,
                  y=0.995)
-    ax_ms.set_title(subtitle(meta, configs) + "\nN new tokens = 1 prefill + N−1 decode steps; image preprocessing (CPU) "
-                    "not shown", fontsize=8, pad=16)
-    save(fig, out_png)
+    width = max(60, int(fig.get_figwidth() * 13))  # characters of 8-pt text that fit the axes, with margin
+    text = subtitle(meta, configs) + "; N new tokens = 1 prefill + N−1 decode steps; image preprocessing (CPU) not shown"
+    ax_ms.set_title("\n".join(textwrap.wrap(text, width)), fontsize=8, pad=16)
+    return fig

@@ -1,15 +1,21 @@
-"""Per-configuration component breakdown from an attributed trace, and the study's breakdown JSON."""
+"""The component breakdown: per configuration from an attributed trace (rule parse_trace), and the study's
+results/e1_attention_ffn_breakdown.json (rule breakdown). Also the checked readers of what these rules
+read and write. No torch import.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from e1.jobs.io import ArtifactError, Record, atomic_path, rebuild_hint, write_json
+from e1.latency.table import read_summary
 from e1.names import GROUPS, STAGES
-from e1.trace import attribute, load_events
+from e1.profile.trace import attribute, load_events
+
+PROFILE_RULE, PARSE_RULE, BREAKDOWN_RULE = "profile", "parse_trace", "breakdown"
 
 SUM_TOLERANCE = 0.01  # components must add up to the stage's busy time within 1%
 CONVENTION = (
@@ -25,8 +31,8 @@ def _per_run_mean(df: pd.DataFrame, value: str, runs: int, steps: int) -> float:
     return float(df[value].sum()) / runs / 1e3 / max(steps, 1)
 
 
-def summarize(components: pd.DataFrame, stages: pd.DataFrame, profile: dict[str, Any],
-              routing: pd.DataFrame) -> dict[str, Any]:
+def config_breakdown(components: pd.DataFrame, stages: pd.DataFrame, profile: dict[str, Any],
+                     routing: pd.DataFrame) -> dict[str, Any]:
     """One configuration: per stage wall/busy/idle, components and groups, sum check, routing balance."""
     steps = profile["profiled_decode_steps"]
     runs = len(profile["profiled_runs"])
@@ -66,17 +72,48 @@ def summarize(components: pd.DataFrame, stages: pd.DataFrame, profile: dict[str,
     }
 
 
+def read_profile(path: str | Path) -> dict[str, Any]:
+    """A profile job's summary JSON, checked."""
+    rec = Record.load(path, PROFILE_RULE)
+    rec.require("id", "variant", "knobs", "image", "prompt", "decode_tokens", "counts", "meta")
+    rec.number("profiled_decode_steps")
+    for run in rec.items("profiled_runs"):
+        for s in ("vision_encoder", "projector", "prefill"):
+            run["stages_ms"].number(s)
+        for i in range(len(run["decode_steps_ms"].expect(list))):
+            run["decode_steps_ms"].number(i)
+    return rec.data
+
+
+def read_routing(path: str | Path) -> pd.DataFrame:
+    """Tokens per expert per layer (Parquet from rule profile), checked."""
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for missing, truncated or foreign files
+        raise ArtifactError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}); "
+                            f"{rebuild_hint(path, PROFILE_RULE)}") from None
+    if list(df.columns) != ["layer", "expert", "tokens"] or df.empty or (df.tokens < 0).any():
+        raise ArtifactError(f"{path}: expected columns layer, expert, tokens (tokens >= 0) and at least one row, "
+                            f"got {list(df.columns)} with {len(df)} rows; {rebuild_hint(path, PROFILE_RULE)}")
+    return df
+
+
 def parse(trace: str | Path, profile_json: str | Path, routing_parquet: str | Path,
           out_components: str | Path, out_stages: str | Path, out_json: str | Path) -> dict[str, Any]:
     """Rule parse_trace: attribute one trace, write the two tables and the configuration summary."""
-    profile = json.loads(Path(profile_json).read_text())
+    profile = read_profile(profile_json)
+    routing = read_routing(routing_parquet)
     components, stages, kind = attribute(load_events(trace))
-    components.to_parquet(out_components, index=False)
-    stages.to_parquet(out_stages, index=False)
+    if stages.empty:
+        raise ArtifactError(f"{trace}: no device activity inside e1 stage ranges; {rebuild_hint(trace, PROFILE_RULE)}")
+    with atomic_path(out_components, suffix=".parquet") as tmp:
+        components.to_parquet(tmp, index=False)
+    with atomic_path(out_stages, suffix=".parquet") as tmp:
+        stages.to_parquet(tmp, index=False)
     result = {k: profile[k] for k in ("id", "variant", "knobs", "image", "prompt", "decode_tokens",
                                       "profiled_decode_steps", "counts")}
     result["device_activity"] = "CUDA kernels" if kind == "cuda" else "top-level ATen ops (CPU)"
-    result.update(summarize(components, stages, profile, pd.read_parquet(routing_parquet)))
+    result.update(config_breakdown(components, stages, profile, routing))
     runs = profile["profiled_runs"]
     result["profiled_event_ms"] = {
         s: sum(r["stages_ms"][s] for r in runs) / len(runs) for s in ("vision_encoder", "projector", "prefill")
@@ -85,20 +122,31 @@ def parse(trace: str | Path, profile_json: str | Path, routing_parquet: str | Pa
         result["profiled_event_ms"]["decode_per_token"] = (
             sum(sum(r["decode_steps_ms"]) for r in runs) / len(runs) / profile["profiled_decode_steps"])
     result["meta"] = profile["meta"]
-    Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out_json, result)
     return result
 
 
-def aggregate(summaries: list[str | Path], measured: list[str | Path], out: str | Path) -> dict[str, Any]:
+def read_config_breakdown(path: str | Path) -> dict[str, Any]:
+    """A parse_trace summary JSON, checked."""
+    rec = Record.load(path, PARSE_RULE)
+    rec.require("id", "variant", "knobs", "image", "prompt", "decode_tokens", "counts", "profiled_event_ms", "meta")
+    for name, stage in rec["stages"].data.items():
+        for k in ("wall_ms", "busy_ms"):
+            rec["stages"][name].number(k)
+    return rec.data
+
+
+def study_breakdown(summaries: list[str | Path], measured: list[str | Path], out: str | Path) -> dict[str, Any]:
     """Rule breakdown: all configurations + profiled-vs-timed stage times (the profiler's overhead)."""
-    timed = {}
-    for p in measured:
-        m = json.loads(Path(p).read_text())
-        timed[m["id"]] = m
+    if not summaries:
+        raise ValueError("no parse_trace summaries to gather into the component breakdown")
+    timed = {m["id"]: m for m in map(read_summary, measured)}
     configs = []
+    first = None
     for p in summaries:
-        c = json.loads(Path(p).read_text())
-        c.pop("meta")
+        c = read_config_breakdown(p)
+        meta = c.pop("meta")
+        first = first or meta
         t = timed.get(c["id"])
         if t is not None:
             ref = {s: t["stages"][s]["median_ms"] for s in ("vision_encoder", "projector", "prefill")}
@@ -112,10 +160,24 @@ def aggregate(summaries: list[str | Path], measured: list[str | Path], out: str 
                     c["stages"][k]["timed_wall_ms"] = v
                     c["stages"][k]["idle_share_timed"] = max(0.0, 1 - c["stages"][k]["busy_ms"] / v)
         configs.append(c)
-    first = json.loads(Path(summaries[0]).read_text())["meta"]
     result = {"meta": {k: first[k] for k in ("model", "weights", "device", "device_type", "dtype", "torch",
                                              "transformers")} | {"convention": CONVENTION},
               "configs": configs}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     return result
+
+
+def read_breakdown(path: str | Path) -> dict[str, Any]:
+    """The study's component breakdown JSON, checked (LLM stages carry their component groups)."""
+    rec = Record.load(path, BREAKDOWN_RULE)
+    rec["meta"].require("model", "device_type", "dtype", "convention")
+    for row in rec.items("configs"):
+        row.require("id", "variant", "image", "prompt", "decode_tokens", "counts")
+        for stage in ("prefill", "decode_per_token"):
+            if row["stages"].has(stage):
+                st = row["stages"][stage]
+                st.number("busy_ms")
+                st.number("idle_ms", minimum=None)
+                for g in st["groups_ms"].data:
+                    st["groups_ms"].number(g)
+    return rec.data

@@ -10,7 +10,7 @@ under uniform top-k routing, E * (1 - (1 - k/E)^T). Decode reads k experts per l
 
 from __future__ import annotations
 
-from e1.arch import Arch
+from e1.model.arch import Arch
 
 
 def _vit_weights(arch: Arch) -> int:
@@ -46,7 +46,7 @@ def expected_experts_hit(arch: Arch, tokens: int) -> float:
 
 def stage_bytes(arch: Arch, counts: dict, dtype_bytes: int = 2,
                 experts_hit_per_layer: list[int] | None = None) -> dict[str, dict[str, float]]:
-    """Per stage: weights, kv_cache, activations and total bytes. counts as for e1.flops.stage_flops."""
+    """Per stage: weights, kv_cache, activations and total bytes. counts as for e1.roofline.flops.stage_flops."""
     a, v = arch.llm, arch.vision
     d, layers, b = a["hidden_size"], a["num_layers"], dtype_bytes
     crops, pooled, t = counts["vit_crops"], counts["pooled_features"], counts["prefill_tokens"]
@@ -75,7 +75,7 @@ def stage_bytes(arch: Arch, counts: dict, dtype_bytes: int = 2,
             "kv_cache": t * kv_per_token * b,  # written
             "activations": (pooled * d + 2 * layers * t * d) * b,
         },
-        "decode_first_step": decode_step(arch, t, dtype_bytes),
+        "decode_step": decode_step(arch, t, dtype_bytes),
     }
     return {name: {**parts, "total": sum(parts.values())} for name, parts in stages.items()}
 

@@ -8,15 +8,15 @@ events on the stream and one synchronize ends the whole measurement; on CPU the 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from e1 import envinfo
-from e1.device import resolve_device
+from e1.jobs import env as jobenv
+from e1.jobs.io import write_json
+from e1.jobs.runtime import resolve_device
 from e1.model.build import resolve_dtype
 
 # (matmul sizes, copy buffer bytes, calls per batch, batches): large on a GPU, small enough for CI on a CPU
@@ -74,7 +74,7 @@ def calibrate(device_name: str, dtype_name: str, out_json: str | Path) -> dict[s
     s = SETTINGS["cuda" if device.type == "cuda" else "cpu"]
     per_size = {str(n): matmul_tflops(n, device, dtype, s["calls"], s["batches"]) for n in s["matmul_sizes"]}
     bw = copy_gbps(s["copy_bytes"], device, dtype, s["calls"], s["batches"])
-    env = envinfo.capture(device)
+    env = jobenv.capture(device)
     result = {
         "device": env["device_name"],
         "device_type": device.type,
@@ -92,8 +92,7 @@ def calibrate(device_name: str, dtype_name: str, out_json: str | Path) -> dict[s
                if device.type == "cuda" else "CPU: host clock per batch; small sizes, labelled CPU, not a GPU ceiling.")
         ),
         "torch": env["torch"],
-        "gpu_claim": env.get("gpu_claim"),  # which GPU this job claimed on a multi-GPU node (e1.gpus)
+        "gpu_claim": env.get("gpu_claim"),  # which GPU this job claimed on a multi-GPU node (e1.jobs.claims)
     }
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out_json, result)
     return result

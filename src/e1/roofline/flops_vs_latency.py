@@ -1,49 +1,36 @@
 """FLOPs and bytes against measured latency, per (configuration, stage), with a measured roofline.
 
 For every configuration of the stage latency breakdown and every stage (vision encoder, projector,
-prefill, decode = all N-1 steps, summed over the growing context; per step too): analytic FLOPs (e1.flops)
-and bytes (e1.traffic, in the run's dtype), the measured median latency, the roofline time
-max(FLOPs / peak, bytes / bandwidth) with peak and bandwidth measured by e1.calibrate, and the efficiency
+prefill, decode = all N-1 steps, summed over the growing context; per step too): analytic FLOPs (e1.roofline.flops)
+and bytes (e1.roofline.traffic, in the run's dtype), the measured median latency, the roofline time
+max(FLOPs / peak, bytes / bandwidth) with peak and bandwidth measured by e1.roofline.calibrate, and the efficiency
 roofline / measured. Rows with sweep knobs use the architecture with those knobs (Arch.with_knobs).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from e1 import flops, traffic
-from e1.arch import Arch, load_arch
-from e1.correlation import loglog_fit, spearman
+from e1.jobs.io import ArtifactError, Record, write_json
+from e1.knobs import IMPL_KNOBS, WORK_KNOBS
+from e1.latency.table import read_latency
+from e1.model.arch import Arch, load_arch
 from e1.names import STAGES
+from e1.roofline import flops, traffic
+from e1.roofline.correlation import loglog_fit, spearman
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# Knobs that change the work (FLOPs/bytes) versus knobs that only change how the same work is executed.
-WORK_KNOBS = ("moe_top_k", "max_crops")
-IMPL_KNOBS = ("attn_implementation", "experts_implementation", "decode_backend")
+CALIBRATE_RULE, FLOPCHECK_RULE, FLOPS_RULE = "calibrate", "flop_check", "flops_vs_latency"
 CONVENTION = (
-    "one point per (configuration, stage); flops: e1.flops (2 per multiply-add, matrix products only); bytes: "
-    "e1.traffic (minimum device-memory traffic in the run's dtype); decode = all N-1 decode steps, FLOPs and "
+    "one point per (configuration, stage); flops: e1.roofline.flops (2 per multiply-add, matrix products only); bytes: "
+    "e1.roofline.traffic (minimum device-memory traffic in the run's dtype); decode = all N-1 decode steps, FLOPs and "
     "bytes summed over the steps with growing context (per_step: the mean step, measured per-step median); "
     "measured_ms: median of the timed runs; roofline_ms = max(flops / matmul peak, bytes / copy bandwidth), "
-    "both measured by e1.calibrate (copy bandwidth counts read + write); efficiency = roofline_ms / measured_ms; "
+    "both measured by e1.roofline.calibrate (copy bandwidth counts read + write); efficiency = roofline_ms / measured_ms; "
     "fits: least squares of log10(measured_ms) on log10(x) over all points, R^2, and Spearman's rho (ties "
     "averaged)"
 )
-
-
-def knobs_of(row: dict[str, Any], meta: dict[str, Any], arch: Arch) -> dict[str, Any]:
-    """A row's knobs; rows without a "knobs" dict (before the sweep axes) ran with the run's settings (meta)
-    and the shipped arch."""
-    k = row.get("knobs") or {}
-    return {
-        "attn_implementation": k.get("attn_implementation", meta.get("attn_implementation", "sdpa")),
-        "experts_implementation": k.get("experts_implementation", meta.get("experts_implementation", "grouped_mm")),
-        "decode_backend": k.get("decode_backend", "eager"),
-        "moe_top_k": k.get("moe_top_k", arch.llm["top_k"]),
-        "max_crops": k.get("max_crops", arch.preprocess["max_crops"]),
-    }
 
 
 def roofline_ms(f: float, b: float, cal: dict[str, Any]) -> tuple[float, str]:
@@ -66,9 +53,8 @@ def stage_costs(arch: Arch, counts: dict[str, Any], decode_steps: int, dtype_byt
 
 def points_of(row: dict[str, Any], meta: dict[str, Any], cal: dict[str, Any]) -> list[dict[str, Any]]:
     """One point per stage of one configuration (decode only when it has steps)."""
-    base = load_arch(meta["model"])
-    knobs = knobs_of(row, meta, base)
-    arch = base.with_knobs(moe_top_k=knobs["moe_top_k"], max_crops=knobs["max_crops"])
+    knobs = row["knobs"]
+    arch = load_arch(meta["model"]).with_knobs(moe_top_k=knobs["moe_top_k"], max_crops=knobs["max_crops"])
     if meta["dtype"] not in DTYPE_BYTES:
         raise ValueError(f"dtype {meta['dtype']!r}; allowed: {', '.join(DTYPE_BYTES)}")
     steps = int(row["decode_steps"])
@@ -150,23 +136,59 @@ def fits(points: list[dict[str, Any]]) -> dict[str, Any]:
             for x, key in (("flops", "flops"), ("bytes", "bytes"), ("roofline", "roofline_ms"))}
 
 
-def _check_same_run(meta: dict[str, Any], other: dict[str, Any], what: str, keys: tuple[str, ...]) -> None:
+def read_calibration(path: str | Path) -> dict[str, Any]:
+    """The calibrate job's JSON, checked: positive ceilings."""
+    rec = Record.load(path, CALIBRATE_RULE)
+    rec.require("device", "device_type", "dtype", "method")
+    rec.number("matmul_tflops", minimum=1e-9)
+    rec.number("copy_gbps", minimum=1e-9)
+    return rec.data
+
+
+def read_flop_check(path: str | Path) -> dict[str, Any]:
+    """A flop_check job's JSON, checked."""
+    rec = Record.load(path, FLOPCHECK_RULE)
+    rec.require("image", "prompt", "variant", "knobs", "prefill_tokens", "zero_counted_ops", "meta")
+    for name in rec["stages"].expect(dict):
+        rec["stages"][name].number("analytic")
+        rec["stages"][name].number("counted")
+    return rec.data
+
+
+def read_flops(path: str | Path) -> dict[str, Any]:
+    """The study's FLOPs-vs-latency JSON, checked (for the plot and the findings)."""
+    rec = Record.load(path, FLOPS_RULE)
+    rec["meta"].require("model", "device_type", "dtype", "calibration", "convention")
+    for fit in ("flops", "bytes", "roofline"):
+        rec["fits"][fit].require("r2", "slope", "n", "spearman_rho")
+    for p in rec.items("points"):
+        p.require("id", "stage", "knobs", "bound")
+        for k in ("flops", "bytes", "measured_ms", "roofline_ms"):
+            p.number(k)
+    rec["inversions"].expect(list)
+    rec["equal_flops_spread"].expect(list)
+    return rec.data
+
+
+def check_same_run(meta: dict[str, Any], other: dict[str, Any], what: str, keys: tuple[str, ...],
+                   rule: str) -> None:
     diff = {k: (meta[k], other.get(k)) for k in keys if other.get(k) != meta[k]}
     if diff:
-        raise ValueError(f"{what} comes from a different run than the latency breakdown: {diff}")
+        raise ArtifactError(f"{what} comes from a different run than the stage latency table: {diff}; rebuild it "
+                            f"with `snakemake --forcerun {rule}`")
 
 
-def build(breakdown_json: str | Path, calibrate_json: str | Path, flopcheck_jsons: list[str | Path],
+def build(latency_json: str | Path, calibrate_json: str | Path, flopcheck_jsons: list[str | Path],
           out_json: str | Path) -> dict[str, Any]:
     """Write the study's e1_flops_vs_latency.json."""
-    data = json.loads(Path(breakdown_json).read_text())
+    data = read_latency(latency_json)
     meta = data["meta"]
-    cal = json.loads(Path(calibrate_json).read_text())
-    _check_same_run(meta, cal, f"calibration {calibrate_json}", ("dtype", "device_type"))
+    cal = read_calibration(calibrate_json)
+    check_same_run(meta, cal, f"calibration {calibrate_json}", ("dtype", "device_type"), CALIBRATE_RULE)
     checks = []
     for path in flopcheck_jsons:
-        fc = json.loads(Path(path).read_text())
-        _check_same_run(meta, fc["meta"], f"flop check {path}", ("model", "dtype", "device_type"))
+        fc = read_flop_check(path)
+        check_same_run(meta, fc["meta"], f"flop check {path}", ("model", "dtype", "device_type"), FLOPCHECK_RULE)
         checks.append({"image": fc["image"], "prompt": fc["prompt"], "variant": fc["variant"], "knobs": fc["knobs"],
                        "prefill_tokens": fc["prefill_tokens"],
                        "stages": {s: {k: v[k] for k in ("analytic", "counted", "ratio", "zero_counted_ops")}
@@ -174,7 +196,8 @@ def build(breakdown_json: str | Path, calibrate_json: str | Path, flopcheck_json
                        "zero_counted_ops": fc["zero_counted_ops"]})
     points = [p for row in data["configs"] for p in points_of(row, meta, cal)]
     if len(points) < 2:
-        raise ValueError(f"{breakdown_json} gives {len(points)} (configuration, stage) points; need at least 2")
+        raise ArtifactError(f"{latency_json} gives {len(points)} (configuration, stage) points; a fit needs at "
+                            "least 2: run more than one configuration")
     result = {
         "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "torch", "protocol")},
                  "variants": sorted({p["variant"] or "" for p in points}), "calibration": cal,
@@ -186,6 +209,5 @@ def build(breakdown_json: str | Path, calibrate_json: str | Path, flopcheck_json
         "flop_check": checks,
         "points": points,
     }
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out_json, result)
     return result

@@ -1,4 +1,6 @@
-"""One GPU per job on a multi-GPU node: claim a free GPU before CUDA starts, hold it until the process ends.
+"""Device claims: one GPU per job on a multi-GPU node, and one CPU timing job at a time per host.
+
+GPU: claim a free GPU before CUDA starts, hold it until the process ends.
 
 Snakemake's local executor counts `--resources gpu=K` but does not say which GPU a job gets. A GPU job
 calls `claim_for(device)` first thing (the CLI does, for device `cuda`), before anything touches CUDA:
@@ -16,6 +18,10 @@ file system shared by the jobs of one node), `E1_GPU_WAIT_S` (how long to wait f
 3600). Test hook: `E1_GPU_CLAIM_ON_CPU=1` makes CPU jobs claim too (the CLI then claims for any device),
 so the claim path can be exercised without a GPU; never set it for real measurements.
 
+CPU: a job that times (or loads) the CPU takes an exclusive `flock` on `<cpu lock dir>/host.lock` and
+holds it until it ends, so CPU measurements of two snakemake instances on one host never overlap; a job
+that finds the lock held waits, saying by whom (`E1_CPU_LOCK_DIR`, default /tmp/e1-cpu-locks-<uid>).
+
 No torch import here: importing this module cannot initialise CUDA.
 """
 
@@ -25,34 +31,27 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, MutableMapping
 
+from e1.jobs import nvsmi
+from e1.jobs.nvsmi import Gpu
+
 LOCK_DIR_ENV = "E1_GPU_LOCK_DIR"
 WAIT_ENV = "E1_GPU_WAIT_S"
 TEST_HOOK_ENV = "E1_GPU_CLAIM_ON_CPU"
+CPU_LOCK_DIR_ENV = "E1_CPU_LOCK_DIR"
 DEFAULT_WAIT_S = 3600.0
 PROGRESS_EVERY_S = 30.0
 
-_GPU_LINE = re.compile(r"^GPU (\d+): (.*?) \(UUID: (GPU-[0-9A-Za-z-]+)\)")
 
 
 class ClaimError(RuntimeError):
     """No GPU could be claimed (bad environment, or none freed in time)."""
-
-
-@dataclass
-class Gpu:
-    id: str  # what CUDA_VISIBLE_DEVICES gets for this GPU
-    index: str | None = None  # nvidia-smi index, when known
-    uuid: str | None = None  # GPU-..., when known
-    name: str | None = None
 
 
 @dataclass
@@ -72,30 +71,12 @@ class Claim:
 
 
 _claim: Claim | None = None
+_cpu_claim: dict[str, Any] | None = None
 _held_fds: list[int] = []  # never closed: closing would release the lock before the process ends
 
 
 def _log(msg: str) -> None:
     print(f"[e1 {time.strftime('%H:%M:%S')}] gpu claim: {msg}", file=sys.stderr, flush=True)
-
-
-def nvidia_smi_gpus() -> list[Gpu] | None:
-    """GPUs as `nvidia-smi -L` lists them (physical indices, UUIDs); None when nvidia-smi is unavailable."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    gpus = []
-    for line in out.stdout.splitlines():
-        m = _GPU_LINE.match(line)  # MIG lines are indented and do not match
-        if m:
-            gpus.append(Gpu(id=m.group(3), index=m.group(1), uuid=m.group(3), name=m.group(2)))
-    return gpus
 
 
 def _match(entry: str, listed: list[Gpu]) -> Gpu:
@@ -123,23 +104,25 @@ def candidates(environ: MutableMapping[str, str], listed: list[Gpu] | None) -> l
     return listed  # id = UUID: unambiguous whatever CUDA_DEVICE_ORDER is
 
 
-def default_lock_dir() -> Path:
-    return Path("/tmp") / f"e1-gpu-locks-{os.getuid()}"
+def default_lock_dir(kind: str = "gpu") -> Path:
+    return Path("/tmp") / f"e1-{kind}-locks-{os.getuid()}"
 
 
-def _lock_dir(environ: MutableMapping[str, str], lock_dir: str | Path | None) -> Path:
-    chosen = lock_dir or environ.get(LOCK_DIR_ENV)
-    d = Path(chosen) if chosen else default_lock_dir()
+def _lock_dir(environ: MutableMapping[str, str], lock_dir: str | Path | None, kind: str = "gpu") -> Path:
+    var = LOCK_DIR_ENV if kind == "gpu" else CPU_LOCK_DIR_ENV
+    chosen = lock_dir or environ.get(var)
+    d = Path(chosen) if chosen else default_lock_dir(kind)
+    what = "GPU" if kind == "gpu" else "CPU"
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700 if not chosen else 0o777)
     except OSError as e:
-        raise ClaimError(f"cannot create the GPU lock directory {str(d)!r}: {e.strerror}; set {LOCK_DIR_ENV} to a "
+        raise ClaimError(f"cannot create the {what} lock directory {str(d)!r}: {e.strerror}; set {var} to a "
                          "writable directory on a local file system") from e
     if not d.is_dir():
-        raise ClaimError(f"GPU lock directory {str(d)!r} is not a directory; set {LOCK_DIR_ENV} to a directory")
+        raise ClaimError(f"{what} lock directory {str(d)!r} is not a directory; set {var} to a directory")
     if not chosen and d.stat().st_uid != os.getuid():
-        raise ClaimError(f"GPU lock directory {str(d)!r} belongs to uid {d.stat().st_uid}, not to this user "
-                         f"(uid {os.getuid()}); set {LOCK_DIR_ENV} to a directory of your own")
+        raise ClaimError(f"{what} lock directory {str(d)!r} belongs to uid {d.stat().st_uid}, not to this user "
+                         f"(uid {os.getuid()}); set {var} to a directory of your own")
     return d
 
 
@@ -206,7 +189,7 @@ def claim(environ: MutableMapping[str, str] | None = None, lock_dir: str | Path 
         raise ClaimError("CUDA was initialised before the GPU claim: CUDA_VISIBLE_DEVICES can no longer take effect; "
                          "claim the GPU before any torch.cuda call")
     before = environ.get("CUDA_VISIBLE_DEVICES")
-    cands = candidates(environ, nvidia_smi_gpus())
+    cands = candidates(environ, nvsmi.list_gpus())
     names = [c.id for c in cands]
     if len(cands) == 1:
         source = "slurm" if environ.get("SLURM_JOB_ID") and before is not None else "single"
@@ -251,20 +234,59 @@ def claim(environ: MutableMapping[str, str] | None = None, lock_dir: str | Path 
         time.sleep(poll_s)
 
 
-def claim_for(device: str) -> Claim | None:
-    """The one call a GPU job makes first: claim a GPU when the job runs on `cuda` (no index given).
+def claim_cpu(environ: MutableMapping[str, str] | None = None, lock_dir: str | Path | None = None,
+              wait_s: float | None = None, poll_s: float = 0.5, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Hold this host's CPU-measurement lock until the process ends (waiting while another job holds it)."""
+    global _cpu_claim
+    if _cpu_claim is not None:
+        return _cpu_claim
+    environ = os.environ if environ is None else environ
+    limit = _wait_limit(environ, wait_s)
+    path = _lock_dir(environ, lock_dir, "cpu") / "host.lock"
+    t0 = time.monotonic()
+    next_note = 0.0
+    while (fd := _try_lock(path)) is None:
+        waited = time.monotonic() - t0
+        if waited >= limit:
+            raise ClaimError(f"the host's CPU-measurement lock {path} stayed held ({_holder(path)}) for {limit:g} s; "
+                             f"CPU measurements of another snakemake run are still going; raise {WAIT_ENV} or wait")
+        if waited >= next_note:
+            log(f"another CPU measurement holds {path} ({_holder(path)}); waiting ({waited:.0f} s of {limit:g} s) "
+                "so that the two do not share the CPU")
+            next_note = waited + PROGRESS_EVERY_S if next_note else PROGRESS_EVERY_S
+        time.sleep(poll_s)
+    _held_fds.append(fd)
+    _cpu_claim = {"lock_file": str(path), "waited_s": round(time.monotonic() - t0, 3), "claimed_at": time.time()}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "claimed_at": _cpu_claim["claimed_at"]}).encode())
+    if _cpu_claim["waited_s"] > 1:
+        log(f"CPU-measurement lock {path} taken after {_cpu_claim['waited_s']:.0f} s")
+    return _cpu_claim
 
-    `cuda:N` names a device by hand and is left alone; CPU jobs claim nothing unless the test hook
-    E1_GPU_CLAIM_ON_CPU=1 is set.
+
+def claim_for(device: str) -> Claim | None:
+    """The one call a device job makes first: claim a GPU when the job runs on `cuda` (no index given);
+    on the CPU, take the host's CPU-measurement lock (CPU timing jobs never overlap on one host).
+
+    `cuda:N` names a device by hand and is left alone; the test hook E1_GPU_CLAIM_ON_CPU=1 makes a CPU job
+    stand in for a GPU job: it claims a (fake) GPU instead of the CPU lock.
     """
     if device == "cuda" or os.environ.get(TEST_HOOK_ENV) == "1":
         return claim()
+    if device == "cpu":
+        claim_cpu()
     return None
 
 
 def current() -> dict[str, Any] | None:
-    """This process's claim, for the job's artifacts (None when it claimed nothing)."""
+    """This process's GPU claim, for the job's artifacts (None when it claimed nothing)."""
     return _claim.as_dict() if _claim is not None else None
+
+
+def current_cpu() -> dict[str, Any] | None:
+    """This process's hold on the host's CPU-measurement lock (None when it took none)."""
+    return _cpu_claim
 
 
 def smi_id(torch_index: int) -> str:

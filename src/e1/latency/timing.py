@@ -17,6 +17,7 @@ from torch.profiler import record_function
 
 from e1.model.graph_decode import StaticDecoder
 from e1.model.molmoe import MolmoE
+from e1.model.stage_inputs import StageInputs
 from e1.names import COMP_RANGE, STAGE_RANGE
 
 CONVENTION = (
@@ -27,17 +28,6 @@ CONVENTION = (
     "decode_backend cuda_graph: prefill includes copying its KV cache into the static cache, each decode step is "
     "one replay of the captured step (argmax included)"
 )
-
-
-@dataclass
-class StageInputs:
-    """Everything one run needs, already on the device (prepared outside the timed region)."""
-
-    crops: torch.Tensor  # (n_crops, 3, 336, 336)
-    patch_masks: torch.Tensor  # (n_crops, 576)
-    input_ids: torch.Tensor  # (1, T)
-    feature_index: torch.Tensor  # (inserted,)
-    token_position: torch.Tensor  # (inserted,)
 
 
 @dataclass

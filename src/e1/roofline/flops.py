@@ -10,7 +10,7 @@ lm_head for the last position only; MoE layers count only the top-k experts of e
 
 from __future__ import annotations
 
-from e1.arch import Arch
+from e1.model.arch import Arch
 
 
 def vision_encoder(arch: Arch, crops: int) -> dict[str, int]:
@@ -68,6 +68,6 @@ def stage_flops(arch: Arch, counts: dict) -> dict[str, dict[str, int]]:
         "vision_encoder": vision_encoder(arch, counts["vit_crops"]),
         "projector": projector(arch, counts["pooled_features"]),
         "prefill": prefill(arch, counts["prefill_tokens"]),
-        "decode_first_step": decode_step(arch, counts["prefill_tokens"]),
+        "decode_step": decode_step(arch, counts["prefill_tokens"]),
     }
     return {name: {**parts, "total": sum(parts.values())} for name, parts in stages.items()}

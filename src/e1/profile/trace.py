@@ -3,7 +3,7 @@
 Device activities are GPU kernels/memcpys/memsets in a CUDA trace; in a CPU-only trace they are the
 top-level ATen ops of the thread that holds our ranges. A kernel belongs to the innermost e1 ranges
 open on the launching thread when its launch (matched by correlation id) ran; an op, to those open
-when it started. Ranges come from e1.components / e1.timing (e1.run:, e1.stage:, e1.comp:).
+when it started. Ranges come from e1.profile.ranges / e1.latency.timing (e1.run:, e1.stage:, e1.comp:).
 
 Stage wall time on the device timeline follows the CUDA-event convention: from the end of the
 previous stage's last activity (the first stage of a run: its first activity) to the end of its own
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from e1.jobs.io import ArtifactError, rebuild_hint
 from e1.names import COMP_RANGE as COMP
 from e1.names import RUN_RANGE as RUN
 from e1.names import STAGE_RANGE as STAGE
@@ -43,9 +44,17 @@ class _Act:
 
 
 def load_events(path: str | Path) -> list[dict]:
+    """The events of a Kineto trace (.json or .json.gz); unreadable or truncated traces name the file."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return json.load(f)["traceEvents"]
+    try:
+        with opener(path, "rt") as f:
+            events = json.load(f)["traceEvents"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # gzip, JSON and shape errors
+        raise ArtifactError(f"{path}: not a readable Kineto trace ({type(e).__name__}: {e}); "
+                            f"{rebuild_hint(path, 'profile')}") from None
+    if not isinstance(events, list):
+        raise ArtifactError(f"{path}: traceEvents is not a list; {rebuild_hint(path, 'profile')}")
+    return events
 
 
 def _activities(events: list[dict], range_tids: set) -> tuple[list[_Act], str]:

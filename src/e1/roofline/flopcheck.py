@@ -1,4 +1,4 @@
-"""Cross-check of e1.flops against torch's FlopCounterMode on the real stage calls of one configuration.
+"""Cross-check of e1.roofline.flops against torch's FlopCounterMode on the real stage calls of one configuration.
 
 Per stage (vision encoder, projector, prefill, first decode step): analytic FLOPs, counted FLOPs, their
 ratio, the counted FLOPs by op, and the matrix-product ops that ran but that FlopCounterMode has no formula
@@ -9,7 +9,6 @@ counter, so it sees the ops the counter decomposes composite calls into.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -19,19 +18,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from e1 import flops
-from e1.arch import Arch
-from e1.device import resolve_device
-from e1.measure import build_for, prepare, resolve_knobs
+from e1.jobs.io import write_json
+from e1.jobs.runtime import build_for, job_inputs, resolve_device, variant_arch
+from e1.jobs.spec import FlopCheckJob
+from e1.model.arch import Arch
+from e1.model.build import resolve_dtype
 from e1.model.molmoe import MolmoE
-from e1.preprocess import load_image
-from e1.timing import StageInputs
+from e1.model.stage_inputs import StageInputs, prepare
+from e1.roofline import flops
 
 # Ops whose name says they multiply matrices (matmul, conv, attention, dot products): arithmetic the
 # analytic convention counts. Elementwise ops are not matrix products and are left out on purpose.
 CONTRACTION = re.compile(r"mm|conv|attention|matmul|linear|einsum|dot")
-REQUIRED = ("model", "device", "dtype", "weights", "seed", "image", "image_path", "prompt", "prompt_path")
-CONVENTION = ("analytic: e1.flops (2 per multiply-add, matrix products only, causal prefill attention, top-k "
+CONVENTION = ("analytic: e1.roofline.flops (2 per multiply-add, matrix products only, causal prefill attention, top-k "
               "experts); counted: torch.utils.flop_counter.FlopCounterMode on the same stage call; ratio = "
               "analytic / counted; zero_counted_ops: matrix-product ops that ran (TorchDispatchMode) without a "
               "FlopCounterMode formula, with their call counts")
@@ -89,36 +88,32 @@ def check_stages(model: MolmoE, arch: Arch, inp: StageInputs, layout: Any) -> di
     }
 
 
-def flop_check(spec: dict[str, Any], out_json: str | Path) -> dict[str, Any]:
+def flop_check(spec: FlopCheckJob, out_json: str | Path) -> dict[str, Any]:
     """Build the model of `spec` with its knobs (as a measure job does), check every stage, write the JSON.
 
     The decode step runs eagerly whatever the spec's decode_backend: a CUDA-graph replay hides its ops.
     """
-    missing = [k for k in REQUIRED if k not in spec]
-    if missing:
-        raise ValueError(f"flop-check spec lacks {missing}; required: {list(REQUIRED)}")
-    arch, knobs = resolve_knobs({**spec, "decode_backend": "eager"})
-    device = resolve_device(spec["device"])
+    arch, knobs = variant_arch(spec)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype)
     model = build_for(spec, arch, knobs, device)
-    dtype = next(model.parameters()).dtype
-    prompt = json.loads(Path(spec["prompt_path"]).read_text())
-    inp, layout = prepare(arch, load_image(spec["image_path"]), prompt["text_ids"], device, dtype)
+    image, prompt = job_inputs(spec)
+    inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
     stages = check_stages(model, arch, inp, layout)
     result = {
-        "image": spec["image"],
-        "prompt": spec["prompt"],
-        "variant": spec.get("variant"),
+        "image": spec.image,
+        "prompt": spec.prompt,
+        "variant": spec.variant,
         "knobs": knobs,
         "prefill_tokens": int(inp.input_ids.shape[1]),
         "stages": stages,
         "zero_counted_ops": sorted({op for s in stages.values() for op in s["zero_counted_ops"]}),
         "meta": {
             "model": arch.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "weights": spec["weights"],
+            "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "weights": spec.weights,
             "torch": torch.__version__,
             "convention": CONVENTION,
         },
     }
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out_json, result)
     return result

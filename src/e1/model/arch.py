@@ -1,4 +1,4 @@
-"""Architecture configs shipped with the package (JSON under ``e1/archs``)."""
+"""Architecture configs shipped with the package (JSON under ``e1/model/archs``); no torch import."""
 
 from __future__ import annotations
 
@@ -34,26 +34,22 @@ class Arch:
         return self.vision["hidden_size"] * len(self.vision["feature_layers"])
 
     def with_knobs(self, moe_top_k: int | None = None, max_crops: int | None = None) -> Arch:
-        """This architecture with run-time knobs changed (None keeps the shipped value).
+        """This architecture with run-time knobs changed (None keeps the shipped value; bounds: e1.knobs)."""
+        from e1.knobs import check_value
 
-        moe_top_k: experts per token (1..num_experts); max_crops: image tiles allowed (>= 1).
-        """
         arch = self
         if moe_top_k is not None:
-            n = self.llm["num_experts"]
-            if not isinstance(moe_top_k, int) or not 1 <= moe_top_k <= n:
-                raise ValueError(f"moe_top_k {moe_top_k!r}; allowed: an integer from 1 to {n} (num_experts)")
+            check_value("moe_top_k", moe_top_k, self)
             arch = replace(arch, llm={**arch.llm, "top_k": moe_top_k})
         if max_crops is not None:
-            if not isinstance(max_crops, int) or max_crops < 1:
-                raise ValueError(f"max_crops {max_crops!r}; allowed: an integer >= 1")
+            check_value("max_crops", max_crops, self)
             arch = replace(arch, preprocess={**arch.preprocess, "max_crops": max_crops})
         return arch
 
 
 def known_models() -> list[str]:
     """Names of the shipped architecture configs."""
-    files = resources.files("e1.archs").iterdir()
+    files = resources.files("e1.model.archs").iterdir()
     return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
 
 
@@ -62,5 +58,5 @@ def load_arch(name: str) -> Arch:
     known = known_models()
     if name not in known:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(known)}")
-    data = json.loads(resources.files("e1.archs").joinpath(f"{name}.json").read_text())
+    data = json.loads(resources.files("e1.model.archs").joinpath(f"{name}.json").read_text())
     return Arch(**data)

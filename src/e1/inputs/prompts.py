@@ -1,0 +1,83 @@
+"""Study prompts as token ids: the templated text " User: {prompt} Assistant:" (rule prompt).
+
+Without a tokenizer the prompt's ids are deterministic stand-ins (its configured token count, ordinary
+text tokens only); with a local tokenizer directory the text is tokenized for real. The workflow computes
+the record while it plans (no torch import), so a text edit that leaves the ids unchanged reruns nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from e1.inputs.images import seed_of
+from e1.jobs.io import Record
+
+if TYPE_CHECKING:
+    from e1.model.arch import Arch
+
+PROMPT_RULE = "prompt"
+
+
+def synthetic_prompt_ids(arch: Arch, n_tokens: int, name: str, seed: int = 0) -> list[int]:
+    """n_tokens deterministic ids of ordinary text tokens: [2, bos), so never a special token."""
+    rng = np.random.default_rng(seed_of("prompt", name, n_tokens, seed))
+    return [int(i) for i in rng.integers(2, arch.tokens["bos"], n_tokens)]
+
+
+def template_ids(arch: Arch, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Stand-in ids for ' User', ':' and ' Assistant', ':' when no tokenizer is configured."""
+    ids = synthetic_prompt_ids(arch, 4, "template", seed)
+    return ids[:2], ids[2:]
+
+
+def tokenizer_file(directory: str | Path) -> Path:
+    """The tokenizer.json of a local tokenizer directory; errors say what is missing."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"tokenizer {str(directory)!r}: no such directory; give a local directory holding "
+                         "tokenizer.json (nothing is downloaded), or tokenizer: null for synthetic token ids")
+    f = d / "tokenizer.json"
+    if not f.is_file():
+        raise ValueError(f"tokenizer {str(directory)!r}: the directory has no tokenizer.json (found: "
+                         f"{sorted(p.name for p in d.iterdir())[:10]}); give the folder of a Hugging Face tokenizer")
+    return f
+
+
+def make_prompt(arch: Arch, name: str, tokens: int, text: str | None, tokenizer: str | None,
+                seed: int = 0) -> dict[str, Any]:
+    """Prompt record: the templated text ids (' User: {prompt} Assistant:') and their counts."""
+    if tokenizer:
+        from tokenizers import Tokenizer  # local file only; nothing is downloaded
+
+        path = tokenizer_file(tokenizer)
+        if not text:
+            raise ValueError(f"prompt {name!r}: a tokenizer is configured, so the prompt needs a 'text'")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise ValueError(f"tokenizer {str(path)!r} cannot be read: {e}") from None
+        prompt_ids = tok.encode(" " + text, add_special_tokens=False).ids
+        text_ids = tok.encode(f" User: {text} Assistant:", add_special_tokens=False).ids
+        source = f"tokenizer {path}"
+    else:
+        prompt_ids = synthetic_prompt_ids(arch, tokens, name, seed)
+        user, assistant = template_ids(arch, seed)
+        text_ids = user + prompt_ids + assistant
+        source = "synthetic ids (no tokenizer configured): uniform over the base vocabulary, specials excluded"
+    return {"name": name, "prompt_tokens": len(prompt_ids), "text_tokens": len(text_ids), "text_ids": text_ids,
+            "source": source}
+
+
+def read_prompt(path: str | Path) -> dict[str, Any]:
+    """A prompt record, checked: text ids are integers, counts agree."""
+    rec = Record.load(path, PROMPT_RULE)
+    ids = rec["text_ids"].expect(list)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise rec["text_ids"].fail("must be a non-empty list of token ids (integers >= 0)")
+    if rec.number("text_tokens") != len(ids):
+        raise rec["text_tokens"].fail(f"is {rec.data['text_tokens']}, but text_ids holds {len(ids)} ids")
+    rec.number("prompt_tokens")
+    return rec.data

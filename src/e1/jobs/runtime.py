@@ -1,0 +1,58 @@
+"""What every model job shares: its device, its variant's architecture and knobs, its model, its inputs,
+and the facts recorded beside its results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from e1 import knobs as knob_table
+from e1.inputs.prompts import read_prompt
+from e1.jobs.spec import ModelJob
+from e1.model.arch import Arch, load_arch
+from e1.model.build import build_model
+from e1.model.molmoe import MolmoE
+from e1.model.preprocess import load_image
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cuda' must really be a GPU: never fall back to the CPU silently."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {name!r} was requested but torch {torch.__version__} sees no CUDA GPU "
+            "(is this a GPU node? CUDA_VISIBLE_DEVICES?); refusing to measure on the CPU instead"
+        )
+    return device
+
+
+def variant_arch(spec: ModelJob) -> tuple[Arch, dict[str, Any]]:
+    """The job's architecture (top-k and max_crops applied) and its knobs, every one spelled out (e1.knobs)."""
+    base = load_arch(spec.model)
+    knobs = knob_table.resolve(spec.knobs, base)
+    return base.with_knobs(moe_top_k=knobs["moe_top_k"], max_crops=knobs["max_crops"]), knobs
+
+
+def build_for(spec: ModelJob, arch: Arch, knobs: dict[str, Any], device: torch.device) -> MolmoE:
+    return build_model(arch, device=str(device), dtype=spec.dtype, weights=spec.weights, seed=spec.seed,
+                       attn_implementation=knobs["attn_implementation"],
+                       experts_implementation=knobs["experts_implementation"])
+
+
+def job_inputs(spec: ModelJob) -> tuple[Image.Image, dict[str, Any]]:
+    """The job's image (decoded) and prompt record (checked); e1.model.stage_inputs.prepare puts them on the
+    device."""
+    return load_image(spec.image_path), read_prompt(spec.prompt_path)
+
+
+def job_meta(spec: ModelJob, arch: Arch, device: torch.device, dtype: torch.dtype, env: dict[str, Any]
+             ) -> dict[str, Any]:
+    """The run facts every model job's artifacts carry."""
+    return {
+        "model": arch.name, "weights": spec.weights, "seed": spec.seed, "device": env["device_name"],
+        "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "torch": env["torch"],
+        "transformers": env["transformers"], "env": env,
+    }
+

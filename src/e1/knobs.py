@@ -1,0 +1,131 @@
+"""The sweep axes ("knobs"): their defaults, allowed values, and which combinations can run.
+
+One table, read by the Snakemake rules while they plan (torch is not imported here) and by the package in
+every job, so a default or a rule about combinations is written once. Every combination of the configured
+values is a *variant*, named `attn.experts.decode.k<top-k>.c<max_crops>` (e.g. sdpa.grouped_mm.eager.k8.c12).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from e1.model.arch import Arch
+
+MAX_CROPS = 64  # the most image tiles a run may allow (Molmo's own default is 12)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One knob: its default (None = the model's own value) and its allowed values (None = an integer range)."""
+
+    default: Any
+    allowed: tuple[str, ...] | None
+    what: str
+
+
+AXES: dict[str, Axis] = {
+    "attn_implementation": Axis("sdpa", ("sdpa", "eager", "flash_attention_2"),
+                                "how attention runs (flash_attention_2 where installed); FLOPs equal"),
+    "experts_implementation": Axis("grouped_mm", ("grouped_mm", "batched_mm", "eager"),
+                                   "how transformers runs the MoE experts; FLOPs equal"),
+    "decode_backend": Axis("eager", ("eager", "cuda_graph"),
+                           "eager decode steps, or one CUDA-graph-captured step replayed per token (cuda only)"),
+    "moe_top_k": Axis(None, None, "experts per token: null = the model's own, else 1..num_experts; FLOPs change"),
+    "max_crops": Axis(None, None, f"image tiles allowed: null = the model's own, else 1..{MAX_CROPS}; "
+                                  "vision FLOPs and image tokens change"),
+}
+# Knobs that change the work (FLOPs, bytes) against knobs that change only how the same work is executed.
+WORK_KNOBS = ("moe_top_k", "max_crops")
+IMPL_KNOBS = ("attn_implementation", "experts_implementation", "decode_backend")
+# What a CUDA-graph-captured decode step can run with.
+GRAPH_ATTN = ("sdpa", "eager")  # flash_attention_2 takes no additive mask over a static cache
+GRAPH_EXPERTS = ("grouped_mm", "batched_mm")  # transformers' eager experts loop syncs with the host
+
+
+def _int_range(key: str, arch: Arch) -> tuple[int, int]:
+    return (1, arch.llm["num_experts"]) if key == "moe_top_k" else (1, MAX_CROPS)
+
+
+def check_value(key: str, value: Any, arch: Arch) -> None:
+    """Raise naming the knob, the value and what is allowed."""
+    if key not in AXES:
+        raise ValueError(f"unknown knob {key!r}; knobs: {', '.join(AXES)}")
+    axis = AXES[key]
+    if axis.allowed is not None:
+        if value not in axis.allowed:
+            raise ValueError(f"{key} {value!r}; allowed: {', '.join(axis.allowed)}")
+        return
+    if value is None:
+        return
+    low, high = _int_range(key, arch)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        what = f" ({arch.name} has {high} experts)" if key == "moe_top_k" else ""
+        raise ValueError(f"{key} {value!r}; allowed: null (the model's own) or an integer from {low} to {high}{what}")
+
+
+def resolve(values: Mapping[str, Any], arch: Arch) -> dict[str, Any]:
+    """Every knob spelled out: given values, defaults for the rest, None replaced by the model's own value."""
+    unknown = sorted(set(values) - set(AXES))
+    if unknown:
+        raise ValueError(f"unknown knob(s) {unknown}; knobs: {', '.join(AXES)}")
+    knobs = {}
+    for key, axis in AXES.items():
+        value = values.get(key, axis.default)
+        check_value(key, value, arch)
+        knobs[key] = value
+    if knobs["moe_top_k"] is None:
+        knobs["moe_top_k"] = arch.llm["top_k"]
+    if knobs["max_crops"] is None:
+        knobs["max_crops"] = arch.preprocess["max_crops"]
+    return knobs
+
+
+def problem(knobs: Mapping[str, Any], device_type: str, dtype: str) -> str | None:
+    """Why a resolved combination of knobs cannot run on `device_type` in `dtype` (None when it can)."""
+    if knobs["decode_backend"] != "cuda_graph":
+        return None
+    if device_type != "cuda":
+        return f"decode_backend cuda_graph needs device cuda; this run's device is {device_type!r}"
+    if knobs["attn_implementation"] not in GRAPH_ATTN:
+        return (f"decode_backend cuda_graph with attn_implementation {knobs['attn_implementation']!r}; "
+                f"allowed: {', '.join(GRAPH_ATTN)}")
+    if knobs["experts_implementation"] not in GRAPH_EXPERTS:
+        return (f"decode_backend cuda_graph with experts_implementation {knobs['experts_implementation']!r} (its "
+                f"loop over the experts hit syncs with the host); allowed: {', '.join(GRAPH_EXPERTS)}")
+    if knobs["experts_implementation"] == "grouped_mm" and dtype != "bfloat16":
+        # seen on the H200 with torch 2.11: torch._grouped_mm outside bfloat16 copies its offsets to the host
+        return (f"decode_backend cuda_graph with grouped_mm experts in {dtype} (grouped_mm copies its offsets to "
+                "the host outside bfloat16); allowed: bfloat16, or batched_mm experts")
+    return None
+
+
+def variant_name(knobs: Mapping[str, Any]) -> str:
+    """attn.experts.decode_backend.k<top-k>.c<max_crops>, e.g. sdpa.grouped_mm.eager.k8.c12."""
+    return (f"{knobs['attn_implementation']}.{knobs['experts_implementation']}.{knobs['decode_backend']}"
+            f".k{knobs['moe_top_k']}.c{knobs['max_crops']}")
+
+
+def grid(config: Mapping[str, Any], arch: Arch, device_type: str, dtype: str
+         ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every combination of the configured knob values (each one value or a list).
+
+    Returns ({variant name: knobs} that can run, ["<variant>: why not", ...] that cannot). A bad value is an
+    error naming the knob; a grid where nothing can run is an error listing why.
+    """
+    lists = {k: (v if isinstance(v, list) else [v]) for k, v in
+             ((key, config.get(key, axis.default)) for key, axis in AXES.items())}
+    variants: dict[str, dict[str, Any]] = {}
+    left_out: list[str] = []
+    for combo in itertools.product(*lists.values()):
+        knobs = resolve(dict(zip(lists, combo)), arch)
+        why = problem(knobs, device_type, dtype)
+        if why:
+            left_out.append(f"{variant_name(knobs)}: {why}")
+        else:
+            variants[variant_name(knobs)] = knobs
+    if not variants:
+        raise ValueError("no runnable variant: " + "; ".join(left_out))
+    return variants, left_out

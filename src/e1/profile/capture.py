@@ -1,0 +1,94 @@
+"""One profile job: torch.profiler trace of a configuration with named stage/component ranges.
+
+Separate from the measure job, so the profiler never perturbs the latencies we report. Profiled runs
+generate min(N, max_decode_steps + 1) tokens: the decode breakdown is reported per token.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from e1.jobs import env as jobenv
+from e1.jobs.io import atomic_path, write_json
+from e1.jobs.log import log
+from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_device, variant_arch
+from e1.jobs.spec import ProfileJob
+from e1.latency.timing import timed_generate
+from e1.model.build import resolve_dtype
+from e1.model.molmoe import MolmoE
+from e1.model.stage_inputs import StageInputs, prepare
+from e1.names import RUN_RANGE
+from e1.profile.ranges import component_ranges
+
+
+@torch.inference_mode()
+def expert_routing(model: MolmoE, inp: StageInputs) -> pa.Table:
+    """Tokens routed to each expert in each layer during one prefill (from the routers' top-k choices)."""
+    counts: list[torch.Tensor] = []
+    n_experts = model.arch.llm["num_experts"]
+
+    def hook(_module, _args, out):  # router returns (logits, top-k weights, top-k indices)
+        counts.append(torch.bincount(out[2].reshape(-1), minlength=n_experts).cpu())
+
+    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.llm.layers]
+    try:
+        feats = model.encode_images(inp.crops)
+        model.prefill(inp.input_ids, model.project(feats, inp.patch_masks), inp.feature_index, inp.token_position)
+    finally:
+        for h in handles:
+            h.remove()
+    return pa.table({"layer": pa.array([layer for layer in range(len(counts)) for _ in range(n_experts)], pa.int64()),
+                     "expert": pa.array([e for _ in counts for e in range(n_experts)], pa.int64()),
+                     "tokens": pa.array([int(c[e]) for c in counts for e in range(n_experts)], pa.int64())})
+
+
+def profile_config(spec: ProfileJob, out_trace: str | Path, out_json: str | Path,
+                   out_routing: str | Path) -> dict[str, Any]:
+    arch, knobs = variant_arch(spec)
+    if knobs["decode_backend"] != "eager":
+        raise ValueError(f"decode_backend {knobs['decode_backend']!r}: profiles need per-module ranges, which a "
+                         "graph replay does not show; allowed: eager")
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype)
+    env = jobenv.capture(device)
+    model = build_for(spec, arch, knobs, device)
+    image, prompt = job_inputs(spec)
+    inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
+    n_new = min(spec.decode_tokens, spec.max_decode_steps + 1)
+    log(f"{spec.id}: profiling {spec.runs} runs of {n_new} new tokens (config asks {spec.decode_tokens}) after "
+        f"{spec.warmup} warm-up runs")
+    for _ in range(spec.warmup):
+        timed_generate(model, inp, n_new)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runs = []
+    with component_ranges(model):
+        timed_generate(model, inp, n_new, annotate=True)  # warm the annotated path too
+        t0 = time.perf_counter()
+        with profile(activities=acts, record_shapes=False, with_stack=False) as prof:
+            for k in range(spec.runs):
+                with record_function(f"{RUN_RANGE}{k}"):
+                    t = timed_generate(model, inp, n_new, annotate=True)
+                runs.append({"run": k, "e2e_ms": t.e2e_ms, "stages_ms": t.stages_ms,
+                             "decode_steps_ms": t.decode_steps_ms})
+        profiled_s = time.perf_counter() - t0
+    with atomic_path(out_trace, suffix=".json.gz") as tmp:
+        prof.export_chrome_trace(str(tmp))  # Kineto JSON, gzipped (the name ends in .gz)
+    with atomic_path(out_routing, suffix=".parquet") as tmp:
+        pq.write_table(expert_routing(model, inp), tmp)
+    summary = {
+        "id": spec.id, "variant": spec.variant, "knobs": knobs, "image": spec.image, "prompt": spec.prompt,
+        "decode_tokens": spec.decode_tokens, "profiled_new_tokens": n_new, "profiled_decode_steps": n_new - 1,
+        "counts": {**layout.counts(), "prefill_tokens": int(inp.input_ids.shape[1])},
+        "profiled_runs": runs, "profiled_wall_s": profiled_s,
+        "meta": job_meta(spec, arch, device, dtype, env),
+    }
+    write_json(out_json, summary)
+    log(f"{spec.id}: trace written to {out_trace} ({Path(out_trace).stat().st_size / 2**20:.1f} MiB)")
+    return summary
