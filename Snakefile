@@ -40,7 +40,7 @@ include: "workflow/rules/flops.smk"
 
 STUDY = [  # every study-level artifact: rule all rebuilds any that is lost
     *rules.stage_latency.output, *rules.plot_stack.output,
-    *((*rules.breakdown.output, *rules.plot_breakdown.output) if PROFILED else ()),  # eager-decode variants only
+    *rules.breakdown.output, *rules.plot_breakdown.output,
     *rules.flops_vs_latency.output, *rules.plot_flops.output, *rules.plot_scaling.output, *rules.findings.output,
 ]
 

@@ -9,9 +9,9 @@ from e1.latency.stats import summarize
 from e1.latency.timing import CONVENTION
 from e1.names import STAGES
 
-KNOBS = {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm", "decode_backend": "eager",
+KNOBS = {"attn_implementation": "sdpa", "experts_implementation": "auto", "backend": "eager",
          "moe_top_k": 2, "max_crops": 12}
-VARIANT = "sdpa.grouped_mm.eager.k2.c12"
+VARIANT = "sdpa.auto.eager.k2.c12"
 
 
 def measure_summary(cid: str = "a", stage_ms: dict[str, float] | None = None, decode_ms: float | None = 1.0,
@@ -31,7 +31,7 @@ def measure_summary(cid: str = "a", stage_ms: dict[str, float] | None = None, de
             "counts": {"tiling": [1, 1], "vit_crops": 2, "vit_tokens": 1154, "pooled_features": 288,
                        "inserted_features": 288, "image_tokens": 316, "prefill_tokens": 337},
             "stages": stages, "decode_step": None if decode_ms is None else summarize([decode_ms, decode_ms]),
-            "tokens_identical_across_runs": True, "graph_capture_s": None, "tokens_vs_eager_decode": None,
+            "tokens_identical_across_runs": True, "graph_capture_s": None, "graph_vs_eager": None,
             "meta": m}
 
 

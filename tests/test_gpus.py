@@ -237,7 +237,7 @@ def test_no_nvidia_smi_and_no_visible_devices_is_named():
 # time; `--set-threads measure=1` lets two run at once on 2 cores ("concurrent"), the default keeps them
 # apart ("alone"). E1_GPU_CLAIM_ON_CPU=1 makes the CPU jobs claim one of the fake ids 3 and 5.
 
-VARIANT = "sdpa.grouped_mm.eager.k2.c12"  # the tiny model's defaults
+VARIANT = "sdpa.auto.eager.k2.c12"  # the tiny model's defaults
 DECODE = (24, 25)  # long enough that the timed runs of two jobs started together overlap on 2 cores
 MEASURED = [f"results/molmoe-1b-tiny_cpu_float32/measure/336x336__short__n{n}__{VARIANT}.json" for n in DECODE]
 

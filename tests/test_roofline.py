@@ -124,7 +124,7 @@ CAL = {"device": "test", "device_type": "cuda", "dtype": "bfloat16", "matmul_tfl
 
 
 # Session 1's H200 reference predates the sweep axes: its rows ran with what are now the knobs below.
-SESSION1_KNOBS = {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm", "decode_backend": "eager",
+SESSION1_KNOBS = {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm", "backend": "eager",
                   "moe_top_k": 8, "max_crops": 12}
 
 
@@ -164,7 +164,7 @@ def test_points_sum_decode_over_steps(reference):
 def test_knobs_change_the_work(reference):
     row = copy.deepcopy(reference["configs"][0])
     base = {p["stage"]: p["flops"] for p in points_of(row, reference["meta"], CAL)}
-    row["knobs"] = {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm", "decode_backend": "eager",
+    row["knobs"] = {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm", "backend": "eager",
                     "moe_top_k": 1, "max_crops": 12}
     top1 = {p["stage"]: p["flops"] for p in points_of(row, reference["meta"], CAL)}
     assert top1["vision_encoder"] == base["vision_encoder"]
@@ -252,7 +252,7 @@ def test_findings_on_the_h200_reference(reference, tmp_path):
     latency = _write(tmp_path, "latency.json", reference)
     comp = _write(tmp_path, "comp.json", with_knobs(json.loads((REFERENCE / "e1_attention_ffn_breakdown.json").read_text())))
     fvl = build(latency, _write(tmp_path, "cal.json", CAL), [], tmp_path / "fvl.json")
-    r = findings(latency, tmp_path / "fvl.json", comp, tmp_path / "f.md", tmp_path / "f.json")
+    r = findings(latency, tmp_path / "fvl.json", comp, [], tmp_path / "f.md", tmp_path / "f.json")
     md = (tmp_path / "f.md").read_text()
     assert "NVIDIA H200" in md and "bfloat16" in md and "random weights" in md
     assert md.count("Criterion:") == 5

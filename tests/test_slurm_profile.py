@@ -19,7 +19,7 @@ pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_GRID = REPO / "tests" / "small_grid.yaml"
-GPU_RULES = ("measure", "profile", "calibrate", "flop_check")
+GPU_RULES = ("measure", "profile", "calibrate", "flop_check", "fidelity")
 
 
 def dry_run(workdir: Path, device: str) -> str:
@@ -75,5 +75,6 @@ def test_gpu_resource_is_scoped_local():
     assert "resources" not in profile  # it would be ignored: profiles/default sets it
     assert profile["set-resources"]["calibrate"] == profile["set-resources"]["measure"]
     assert profile["set-resources"]["flop_check"] == profile["set-resources"]["measure"]
+    assert profile["set-resources"]["fidelity"] == profile["set-resources"]["measure"]
     assert {"keep-going", "rerun-incomplete"} <= {k for k, v in profile.items() if v is True}
     assert "gpu=1" in default["resources"]

@@ -152,7 +152,38 @@ def cuda_trace() -> dict:
 
 @pytest.fixture(scope="module")
 def cuda_attr():
-    return attribute(cuda_trace()["traceEvents"])
+    comp, stages, _kernels, kind = attribute(cuda_trace()["traceEvents"])
+    return comp, stages, kind
+
+
+def test_kernel_table_holds_the_llm_kernels_by_name():
+    _, _, kernels, _ = attribute(cuda_trace()["traceEvents"])
+    assert list(kernels.columns) == ["stage", "component", "name", "n_kernels", "time_us"]
+    assert set(kernels.stage) == {"prefill", "decode"}
+    # prefill of run 0: c3 (attention, 30) c4 (experts, 60) c5 (router, 30) c6 (sampling, 10) c7 (prefill, 5),
+    # run 1: c21 (attention, 40); decode: c8 (attention 20) c9 (sampling 2) c10 (attention 15) c11 (memcpy 4),
+    # c22 (sampling 10)
+    assert kernels.time_us.sum() == 30 + 60 + 30 + 10 + 5 + 40 + 20 + 2 + 15 + 4 + 10
+    by = kernels.groupby(["stage", "component"]).time_us.sum().to_dict()
+    assert by[("prefill", "attention")] == 70 and by[("decode", "attention")] == 35
+
+
+def test_kernel_names_classify_graph_kernels_and_are_checked_on_eager():
+    def table(rows):
+        return pd.DataFrame(rows, columns=["stage", "component", "name", "n_kernels", "time_us"])
+
+    a = table([("prefill", "attention", "flash_fwd", 1, 50.0), ("prefill", "moe_experts", "grouped_gemm", 1, 80.0),
+               ("prefill", "attention", "gemm_128", 1, 30.0), ("prefill", "moe_router", "gemm_128", 1, 10.0)])
+    b = table([("prefill", "attention", "flash_fwd", 1, 40.0), ("prefill", "moe_experts", "grouped_gemm", 1, 90.0),
+               ("prefill", "moe_router", "topk", 1, 5.0)])
+    mapping = breakdown.learn_kernel_groups([a, b])
+    assert mapping == {"flash_fwd": "attention", "grouped_gemm": "FFN / MoE experts", "gemm_128": "attention",
+                       "topk": "MoE router"}
+    graph = table([("decode", "other", "flash_fwd", 1, 4.0), ("decode", "other", "new_kernel", 1, 1.0)])
+    assert breakdown.classify_kernels(graph, mapping).predicted.tolist() == ["attention", "unclassified"]
+    # a classified from b alone: the router's gemm_128 is unknown to b, so 40 of 170 us disagree
+    agreement = breakdown.kernel_agreement(a, breakdown.learn_kernel_groups([b]))
+    assert agreement == {"prefill": pytest.approx(130 / 170)}
 
 
 COMP_COLS = ["run", "stage", "step", "component", "layer", "n_kernels", "time_us"]
@@ -282,7 +313,7 @@ def test_touching_ranges_do_not_leak():
     ev = [rng("e1.run:0", 0, 1000), rng("e1.stage:decode#1", 400, 100), rng("e1.comp:sampling", 450, 50),
           rng("e1.stage:decode#2", 500, 100),
           launch(1, 455), launch(2, 560), kernel(1, 600, 5), kernel(2, 610, 5)]
-    comp, _, _ = attribute(ev)
+    comp, _, _, _ = attribute(ev)
     got = {(r.step, r.component) for r in comp.itertuples()}
     assert got == {(1, "sampling"), (2, "other")}
 
@@ -291,12 +322,12 @@ def test_launch_at_range_end_is_inside():
     # ranges are closed intervals: a launch exactly at a comp's end still belongs to it
     ev = [rng("e1.run:0", 0, 1000), rng("e1.stage:prefill", 0, 500), rng("e1.comp:attention@1", 100, 50),
           launch(1, 150), launch(2, 151), kernel(1, 600, 5), kernel(2, 610, 5)]
-    comp, _, _ = attribute(ev)
+    comp, _, _, _ = attribute(ev)
     assert rows(comp, ["component", "layer", "time_us"]) == {("attention", 1, 5.0), ("other", -1, 5.0)}
 
 
 def test_no_ranges_at_all_everything_unattributed():
-    comp, stages, kind = attribute([launch(1, 0), kernel(1, 10, 5), kernel(2, 20, 5)])
+    comp, stages, _, kind = attribute([launch(1, 0), kernel(1, 10, 5), kernel(2, 20, 5)])
     assert kind == "cuda"
     assert rows(comp, COMP_COLS) == {(-1, "none", -1, "other", -1, 2, 10.0)}
     assert stages.empty and list(stages.columns) == STAGE_COLS
@@ -337,7 +368,7 @@ def cpu_trace() -> dict:
 
 
 def test_cpu_trace_top_level_ops():
-    comp, stages, kind = attribute(cpu_trace()["traceEvents"])
+    comp, stages, _, kind = attribute(cpu_trace()["traceEvents"])
     assert kind == "cpu"
     assert rows(comp, COMP_COLS) == {
         (0, "prefill", -1, "attention", 1, 2, 65.0),  # linear 60 + view 5
@@ -354,7 +385,7 @@ def test_cpu_trace_top_level_ops():
 
 def test_cpu_trace_without_ranges_is_empty():
     # no e1 ranges -> no range thread -> no activities, and kind "cpu"
-    comp, stages, kind = attribute([op("aten::mm", 0, 10)])
+    comp, stages, _, kind = attribute([op("aten::mm", 0, 10)])
     assert kind == "cpu" and comp.empty and stages.empty
 
 
@@ -449,10 +480,11 @@ def profiled(tmp_path_factory):
     spec = ProfileJob(**SPEC, image_path=str(d / "img.png"), prompt_path=str(d / "prompt.json"))
     paths = {k: d / n for k, n in (("trace", "trace.json.gz"), ("profile", "profile.json"),
                                    ("routing", "routing.parquet"), ("comp", "comp.parquet"),
-                                   ("stages", "stages.parquet"), ("summary", "summary.json"))}
+                                   ("stages", "stages.parquet"), ("kernels", "kernels.parquet"),
+                                   ("summary", "summary.json"))}
     prof = profile_config(spec, paths["trace"], paths["profile"], paths["routing"])
     summary = parse(paths["trace"], paths["profile"], paths["routing"], paths["comp"], paths["stages"],
-                    paths["summary"])
+                    paths["kernels"], paths["summary"])
     return {"dir": d, "paths": paths, "profile": prof, "summary": summary}
 
 
@@ -585,7 +617,7 @@ def test_aggregate_and_plot(profiled, tmp_path):
     prof2 = json.loads(paths["profile"].read_text()) | {"id": "t2", "image": "672x336"}
     (tmp_path / "profile2.json").write_text(json.dumps(prof2))
     s2 = parse(paths["trace"], tmp_path / "profile2.json", paths["routing"], tmp_path / "c2.parquet",
-               tmp_path / "s2.parquet", tmp_path / "summary2.json")
+               tmp_path / "s2.parquet", tmp_path / "k2.parquet", tmp_path / "summary2.json")
     assert s2["id"] == "t2" and s2["stages"] == s1["stages"]
 
     def measured(cid, stage_ms, decode_ms):
@@ -594,7 +626,8 @@ def test_aggregate_and_plot(profiled, tmp_path):
     m1 = measured("t", {"vision_encoder": 2.0, "projector": 0.5, "prefill": 4.0}, 1.25)
     m2 = measured("t2", {"vision_encoder": 1.0, "projector": 0.0, "prefill": 8.0}, None)  # 0 ms -> no ratio
     out = tmp_path / "agg" / "breakdown.json"
-    res = study_breakdown([paths["summary"], tmp_path / "summary2.json"], [m1, m2, measured("other", {}, None)], out)
+    res = study_breakdown([paths["summary"], tmp_path / "summary2.json"], [paths["kernels"], tmp_path / "k2.parquet"],
+                          [m1, m2, measured("other", {}, None)], out)
     assert json.loads(out.read_text()) == res
     c1, c2 = res["configs"]
     assert c1["id"] == "t" and c2["id"] == "t2"
@@ -620,7 +653,7 @@ def test_aggregate_and_plot(profiled, tmp_path):
     assert "env" not in meta
 
     # a summary without a matching measure has no ratios
-    res2 = study_breakdown([paths["summary"]], [m2], tmp_path / "b2.json")
+    res2 = study_breakdown([paths["summary"]], [paths["kernels"]], [m2], tmp_path / "b2.json")
     assert "profiled_over_timed" not in res2["configs"][0]
 
     png = tmp_path / "fig" / "breakdown.png"

@@ -44,7 +44,7 @@ AFTER_LATENCY = {"flops_vs_latency": 1, "plot_flops": 1, "plot_scaling": 1, "fin
 
 SMALL_GRID = Path(__file__).resolve().parent / "small_grid.yaml"
 TEST_CONFIG = yaml.safe_load(SMALL_GRID.read_text())
-VARIANT = "sdpa.grouped_mm.eager.k2.c12"  # the defaults spelled out (tiny model: top-2 of 8 experts)
+VARIANT = "sdpa.auto.eager.k2.c12"  # the defaults spelled out (tiny model: top-2 of 8 experts)
 CONFIG_IDS = [f"{i}__{p}__n{n}__{VARIANT}" for i in TEST_CONFIG["images"] for p in TEST_CONFIG["prompts"]
               for n in TEST_CONFIG["decode_tokens"]]
 STAGE_KEYS = ("vision_encoder", "projector", "prefill", "decode", "e2e", "unattributed")
@@ -139,8 +139,9 @@ def assert_package_unchanged(wf):
 def test_run_succeeds(wf):
     assert wf["rc"] == 0, wf["out"][-6000:]
     counts = job_counts(wf["out"])
-    # spec: one file per measure (8), profile (8), flop_check (2) and calibrate (1) job
-    assert counts == {"image": 2, "prompt": 2, "spec": 19, "measure": 8, "stage_latency": 1, "plot_stack": 1, "profile": 8,
+    # spec: one file per measure (8), profile (8), flop_check (2), fidelity (2) and calibrate (1) job
+    assert counts == {"image": 2, "prompt": 2, "spec": 21, "measure": 8, "fidelity": 2, "stage_latency": 1,
+                      "plot_stack": 1, "profile": 8,
                       "parse_trace": 8, "breakdown": 1, "plot_breakdown": 1, "calibrate": 1, "flop_check": 2,
                       **AFTER_LATENCY, "all": 1}, wf["out"][-3000:]
     assert (wf["dir"] / LATENCY).is_file()
@@ -154,8 +155,8 @@ def test_breakdown_configs(breakdown):
     for c in configs:
         n_new = c["decode_tokens"]
         assert c["id"] == f"{c['image']}__{c['prompt']}__n{n_new}__{c['variant']}"
-        assert c["knobs"] == {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm",
-                              "decode_backend": "eager", "moe_top_k": 2, "max_crops": 12}
+        assert c["knobs"] == {"attn_implementation": "sdpa", "experts_implementation": "auto",
+                              "backend": "eager", "moe_top_k": 2, "max_crops": 12}
         assert c["decode_steps"] == n_new - 1
         for s in STAGE_KEYS:
             st = c["stages"][s]
@@ -408,8 +409,8 @@ BAD_CONFIGS = {
                  ["0 is less than the minimum of 1", "['decode_tokens']"]),
     "model-gpt2": (_bad(lambda c: c.update(model="gpt2")),
                    ["'gpt2' is not one of ['auto', 'molmoe-1b', 'molmoe-1b-tiny']", "['model']"]),
-    "backend-graph": (_bad(lambda c: c.update(decode_backend="graph")),
-                      ["config: decode_backend 'graph'; allowed: eager, cuda_graph"]),
+    "backend-graph": (_bad(lambda c: c.update(backend="graph")),
+                      ["config: backend 'graph'; allowed: eager, cuda_graph"]),
     "top-k-text": (_bad(lambda c: c.update(moe_top_k="eight")),
                    ["config: moe_top_k 'eight'; allowed: null (the model's own) or an integer from 1 to 8"]),
     # bounded in the schema: the description says why
@@ -457,7 +458,8 @@ def test_gpu_plan_on_a_cpu_machine(empty_dir):
     assert "results/molmoe-1b_cuda_bfloat16/calibrate.json" in out
     assert "results/molmoe-1b_cuda_bfloat16/measure/" in out  # model auto -> molmoe-1b, dtype auto -> bf16
     assert "molmoe-1b-tiny" not in out
-    assert out.count("gpu=1") == 19  # every measure, profile, calibrate and flop_check job asks for one GPU
+    assert counts["fidelity"] == 2, out[-3000:]
+    assert out.count("gpu=1") == 21  # every measure, profile, calibrate, flop_check and fidelity job asks for one GPU
 
 
 # --- sweep axes (issue 7): variants in the plan -----------------------------------------------------------
@@ -479,30 +481,31 @@ def test_sweep_axes_multiply_the_grid(empty_dir):
     assert f"results/{RUN}/specs/measure/336x336__short__n2__sdpa.batched_mm.eager.k1.c4.json" in out  # its spec
 
 
-def test_cuda_graph_variants_are_measured_not_profiled(empty_dir):
-    rc, out = plan(empty_dir / "graph", device="cuda", decode_backend=["eager", "cuda_graph"])
+def test_cuda_graph_variants_are_measured_profiled_and_not_checked_against_generate(empty_dir):
+    rc, out = plan(empty_dir / "graph", device="cuda", backend=["eager", "cuda_graph"])
     assert rc == 0, out[-3000:]
     counts = job_counts(out)
-    assert counts["measure"] == 16 and counts["profile"] == 8, out[-3000:]
+    assert counts["measure"] == 16 and counts["profile"] == 16, out[-3000:]
+    assert counts["fidelity"] == 2, out[-3000:]  # generate() runs eagerly: eager variants only
     assert counts["flop_check"] == 2, out[-3000:]  # FLOPs are counted on eager decode: one check per image
-    assert "sdpa.grouped_mm.cuda_graph.k8.c12" in out
+    assert "sdpa.auto.cuda_graph.k8.c12" in out
 
 
 def test_impossible_combinations_are_left_out_and_named(empty_dir):
-    rc, out = plan(empty_dir / "left-out", device="cuda", decode_backend=["eager", "cuda_graph"],
+    rc, out = plan(empty_dir / "left-out", device="cuda", backend=["eager", "cuda_graph"],
                    experts_implementation=["grouped_mm", "eager"])
     assert rc == 0, out[-3000:]
-    assert "1 variant(s) left out" in out and "sdpa.eager.cuda_graph.k8.c12: decode_backend cuda_graph with " \
-        "experts_implementation 'eager' (its loop over the experts hit syncs with the host); allowed: grouped_mm, " \
-        "batched_mm" in out, out[-3000:]
+    assert "1 variant(s) left out" in out and "sdpa.eager.cuda_graph.k8.c12: backend cuda_graph with " \
+        "experts_implementation 'eager' (its loop over the experts hit syncs with the host); allowed: auto, " \
+        "grouped_mm, batched_mm" in out, out[-3000:]
     assert job_counts(out)["measure"] == 8 * 3
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"decode_backend": "cuda_graph"}, "decode_backend cuda_graph needs device cuda; this run's device is 'cpu'"),
-    ({"device": "cuda", "decode_backend": "cuda_graph", "experts_implementation": "eager"},
-     "decode_backend cuda_graph with experts_implementation 'eager' (its loop over the experts hit syncs with "
-     "the host); allowed: grouped_mm, batched_mm"),
+    ({"backend": "cuda_graph"}, "backend cuda_graph needs device cuda; this run's device is 'cpu'"),
+    ({"device": "cuda", "backend": "cuda_graph", "experts_implementation": "eager"},
+     "backend cuda_graph with experts_implementation 'eager' (its loop over the experts hit syncs with "
+     "the host); allowed: auto, grouped_mm, batched_mm"),
     ({"moe_top_k": 9}, "moe_top_k 9; allowed: null (the model's own) or an integer from 1 to 8 (molmoe-1b-tiny has "
                        "8 experts)"),
 ])

@@ -1,4 +1,4 @@
-"""Command line: `e1 describe | check-config | image | measure | stage-latency | plot-stack | profile |
+"""Command line: `e1 describe | check-config | image | measure | fidelity | stage-latency | plot-stack | profile |
 parse-trace | breakdown | plot-breakdown | calibrate | flop-check | flops-vs-latency | plot-flops |
 plot-scaling | findings`. The workflow's rules call these; model jobs read their spec from a file."""
 
@@ -70,19 +70,26 @@ def _profile(a: argparse.Namespace) -> None:
 def _parse_trace(a: argparse.Namespace) -> None:
     from e1.profile.breakdown import parse
 
-    parse(a.trace, a.profile, a.routing, a.out_components, a.out_stages, a.out_json)
+    parse(a.trace, a.profile, a.routing, a.out_components, a.out_stages, a.out_kernels, a.out_json)
 
 
 def _breakdown(a: argparse.Namespace) -> None:
     from e1.profile.breakdown import study_breakdown
 
-    study_breakdown(a.summaries, a.measured, a.out)
+    study_breakdown(a.summaries, a.kernels, a.measured, a.out)
 
 
 def _plot_breakdown(a: argparse.Namespace) -> None:
     from e1.plots.breakdown import plot_breakdown
 
     plot_breakdown(a.breakdown, a.out)
+
+
+def _fidelity(a: argparse.Namespace) -> None:
+    spec = _device_job(a.spec, "fidelity")
+    from e1.latency.fidelity import fidelity
+
+    fidelity(spec, a.out)
 
 
 def _calibrate(a: argparse.Namespace) -> None:
@@ -120,7 +127,7 @@ def _plot_scaling(a: argparse.Namespace) -> None:
 def _findings(a: argparse.Namespace) -> None:
     from e1.findings import findings
 
-    findings(a.latency, a.flops, a.components, a.out_md, a.out_json)
+    findings(a.latency, a.flops, a.components, a.fidelity, a.out_md, a.out_json)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -176,12 +183,14 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--routing", required=True)
     pt.add_argument("--out-components", required=True)
     pt.add_argument("--out-stages", required=True)
+    pt.add_argument("--out-kernels", required=True, help="LLM kernel time by stage, component and name (Parquet)")
     pt.add_argument("--out-json", required=True)
     pt.set_defaults(func=_parse_trace)
 
     b = sub.add_parser("breakdown", help="gather per-configuration component breakdowns into one JSON")
     b.add_argument("--out", required=True)
     b.add_argument("--summaries", nargs="+", required=True, help="parse-trace summaries (JSON)")
+    b.add_argument("--kernels", nargs="+", required=True, help="parse-trace kernel tables, one per summary")
     b.add_argument("--measured", nargs="*", default=[], help="measure summaries (for profiled vs timed)")
     b.set_defaults(func=_breakdown)
 
@@ -189,6 +198,11 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("--breakdown", required=True, help="e1_attention_ffn_breakdown.json")
     pb.add_argument("--out", required=True)
     pb.set_defaults(func=_plot_breakdown)
+
+    fi = sub.add_parser("fidelity", help="e1's prefill + decode loop against transformers' generate() (JSON)")
+    fi.add_argument("--spec", required=True, help="the job's spec file (JSON, written by rule spec)")
+    fi.add_argument("--out", required=True)
+    fi.set_defaults(func=_fidelity)
 
     c = sub.add_parser("calibrate", help="measured matmul TFLOP/s and copy bandwidth of the device (roofline)")
     c.add_argument("--spec", required=True, help="the job's spec file (JSON: device, dtype)")
@@ -222,6 +236,7 @@ def parser() -> argparse.ArgumentParser:
     fd.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
     fd.add_argument("--flops", required=True, help="e1_flops_vs_latency.json")
     fd.add_argument("--components", nargs="?", help="e1_attention_ffn_breakdown.json (absent: nothing profiled)")
+    fd.add_argument("--fidelity", nargs="*", default=[], help="fidelity JSONs (e1 against generate())")
     fd.add_argument("--out-md", required=True)
     fd.add_argument("--out-json", required=True)
     fd.set_defaults(func=_findings)

@@ -11,7 +11,7 @@ from statistics import median
 from typing import Any, Callable
 
 from e1.jobs.io import write_json, write_text
-from e1.latency.table import read_latency
+from e1.latency.table import read_fidelity, read_latency
 from e1.names import GROUP_NAMES as GROUPS
 from e1.names import STAGES
 from e1.profile.breakdown import BREAKDOWN_RULE, read_breakdown
@@ -199,6 +199,63 @@ def expected(configs: list[dict], components: list[dict], fl: dict[str, Any]) ->
     return out
 
 
+HOST_BOUND = 0.5  # a stage is host-bound when at least this share of its eager time is host overhead
+SLOW_HOST = 1.25  # a host is slow when its kernel launch takes this many times the run's median launch
+
+
+def launch_overhead(configs: list[dict], fl: dict[str, Any]) -> dict[str, Any]:
+    """How much of each stage is host (launch) overhead, and where the GPU itself is the limit."""
+    rows = [c for c in configs if c.get("host_overhead")]
+    if not rows:
+        return {"text": "not measured: no configuration ran with both backends (eager and cuda_graph)",
+                "measured": False}
+    share = {s: [r["host_overhead"]["share"][s] for r in rows if r["host_overhead"]["share"].get(s) is not None]
+             for s in (*STAGES, "e2e")}
+    graph_eff = {s: [p["efficiency"] for p in fl["points"] if p["stage"] == s and p["efficiency"] is not None
+                     and p["knobs"].get("backend") == "cuda_graph"] for s in STAGES}
+    parts = [f"{s} {_pct(median(v))} (range {_range(v)})" for s, v in share.items() if v]
+    eff = [f"{s} {_pct(median(v))} of the roofline" for s, v in graph_eff.items() if v]
+    text = (f"share of each eager stage that is host overhead (eager − cuda_graph twin, {len(rows)} pairs), median: "
+            + ", ".join(parts) + ("; with CUDA graphs the GPU itself runs at (median roofline time / measured): "
+                                  + ", ".join(eff) if eff else ""))
+    return {"measured": True, "overhead_share": share, "graph_roofline_efficiency": graph_eff, "text": text}
+
+
+def host_warnings(configs: list[dict]) -> list[str]:
+    """Host-bound stages of configurations whose host was slow or loaded (see HOST_BOUND, SLOW_HOST)."""
+    launches = [c["host_bench"]["launch_us"] for c in configs if (c.get("host_bench") or {}).get("launch_us")]
+    ref = median(launches) if launches else None
+    out = []
+    for c in configs:
+        bound = [s for s, v in ((c.get("host_overhead") or {}).get("share") or {}).items()
+                 if s in STAGES and v is not None and v >= HOST_BOUND]
+        if not bound:
+            continue
+        why = []
+        launch = (c.get("host_bench") or {}).get("launch_us")
+        if ref and launch and launch > SLOW_HOST * ref:
+            why.append(f"kernel launch {launch:.1f} µs vs the run's median {ref:.1f} µs")
+        why += [f for f in c.get("flags", []) if f.startswith("host busy")]
+        if why:
+            out.append(f"{c['id']}: host-bound {', '.join(bound)} on a slow or loaded host ({'; '.join(why)})")
+    return out
+
+
+def fidelity_check(items: list[dict]) -> dict[str, Any]:
+    """e1's prefill + decode against transformers' generate() (rule fidelity)."""
+    if not items:
+        return {"text": "not measured (no eager variant, or no fidelity check in this run)", "items": []}
+    ratios = [i["ratio_e1_over_generate"] for i in items]
+    ok = sum(i["within_target"] for i in items)
+    equal = sum(i["tokens_equal"] for i in items)
+    text = (f"e1 / generate() time, median of interleaved pairs: {', '.join(f'{r:.3f}' for r in ratios)} "
+            f"({ok} of {len(items)} within ±5 %); tokens equal in {equal} of {len(items)}; experts e1 "
+            f"{items[0]['experts_used']['e1']}, generate() {items[0]['experts_used']['generate']}")
+    return {"text": text, "items": [{k: i[k] for k in ("id", "decode_tokens", "e1_median_ms", "generate_median_ms",
+                                                       "ratio_e1_over_generate", "within_target", "tokens_equal")}
+                                    for i in items]}
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = ["# E1 findings", "",
@@ -217,14 +274,29 @@ def render(result: dict[str, Any]) -> str:
     for i, f in enumerate(result["expected_findings"], 1):
         lines += [f"{i}. **{f['finding']}: {f['verdict']}.** Criterion: {f['criterion']}. Evidence: {f['evidence']}.",
                   ""]
+    lines += ["## What the host costs", "", f"- Launch overhead: {result['launch_overhead']['text']}.",
+              f"- e1 against transformers' generate(): {result['fidelity']['text']}.",
+              f"- The study's own cost: {result['job_cost_text']}.", ""]
     flagged = result["flagged_configurations"]
     lines += ["## Measurements to doubt", "", f"Rule: {m['flag_rule']}.", ""]
     lines += [f"- {cid}: {'; '.join(why)}" for cid, why in flagged.items()] or ["- none"]
+    lines += ["", f"Host-bound stages on a slow or loaded host (host-bound: >= {HOST_BOUND:.0%} of the eager stage "
+                  f"is host overhead; slow: kernel launch > {SLOW_HOST}x the run's median):", ""]
+    lines += [f"- {w}" for w in result["host_warnings"]] or ["- none"]
     return "\n".join(lines)
 
 
+def job_cost_text(cost: dict[str, Any] | None) -> str:
+    if not cost or not cost.get("outside_runs_s"):
+        return "not recorded"
+    o, g = cost["outside_runs_s"], cost.get("gap_between_jobs_s")
+    return (f"measure jobs spent {o['median']:.1f} s (median; {o['min']:.1f}–{o['max']:.1f}) outside their warm-up "
+            f"and timed runs; {cost['runs_s_total']:.0f} s of runs in {cost['jobs_s_total']:.0f} s of jobs"
+            + (f"; {g['median']:.1f} s (median) between one job's end and the next one's start" if g else ""))
+
+
 def findings(latency_json: str | Path, flops_json: str | Path, components_json: str | Path | None,
-             out_md: str | Path, out_json: str | Path) -> dict[str, Any]:
+             fidelity_jsons: list[str | Path], out_md: str | Path, out_json: str | Path) -> dict[str, Any]:
     """Answer the questions and judge the expectations; write Markdown and JSON.
 
     components_json None: nothing was profiled (e.g. every variant decodes with CUDA graphs); the component
@@ -250,6 +322,10 @@ def findings(latency_json: str | Path, flops_json: str | Path, components_json: 
                       "q3_regimes": q3_regimes(configs), "q4_flops": q4_flops(fl)},
         "expected_findings": expected(configs, comp["configs"], fl),
         "flagged_configurations": {c["id"]: c["flags"] for c in configs if c.get("flags")},
+        "launch_overhead": launch_overhead(configs, fl),
+        "host_warnings": host_warnings(configs),
+        "fidelity": fidelity_check([read_fidelity(f) for f in fidelity_jsons]),
+        "job_cost_text": job_cost_text(meta.get("job_cost")),
     }
     write_json(out_json, result)
     write_text(out_md, render(result) + "\n")

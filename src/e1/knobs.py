@@ -2,7 +2,7 @@
 
 One table, read by the Snakemake rules while they plan (torch is not imported here) and by the package in
 every job, so a default or a rule about combinations is written once. Every combination of the configured
-values is a *variant*, named `attn.experts.decode.k<top-k>.c<max_crops>` (e.g. sdpa.grouped_mm.eager.k8.c12).
+values is a *variant*, named `attn.experts.backend.k<top-k>.c<max_crops>` (e.g. sdpa.auto.eager.k8.c12).
 """
 
 from __future__ import annotations
@@ -29,20 +29,23 @@ class Axis:
 AXES: dict[str, Axis] = {
     "attn_implementation": Axis("sdpa", ("sdpa", "eager", "flash_attention_2"),
                                 "how attention runs (flash_attention_2 where installed); FLOPs equal"),
-    "experts_implementation": Axis("grouped_mm", ("grouped_mm", "batched_mm", "eager"),
-                                   "how transformers runs the MoE experts; FLOPs equal"),
-    "decode_backend": Axis("eager", ("eager", "cuda_graph"),
-                           "eager decode steps, or one CUDA-graph-captured step replayed per token (cuda only)"),
+    "experts_implementation": Axis("auto", ("auto", "grouped_mm", "batched_mm", "eager"),
+                                   "how transformers runs the MoE experts; auto = what generate() runs: the "
+                                   "library's default for prefill, its decode policy for decode (e.g. batched_mm on "
+                                   "a GPU); an explicit value pins both stages; FLOPs equal"),
+    "backend": Axis("eager", ("eager", "cuda_graph"),
+                    "how the request is launched: eager, or every stage (vision encoder, projector, prefill, each "
+                    "decode step) captured once as a CUDA graph and replayed (cuda only); FLOPs equal"),
     "moe_top_k": Axis(None, None, "experts per token: null = the model's own, else 1..num_experts; FLOPs change"),
     "max_crops": Axis(None, None, f"image tiles allowed: null = the model's own, else 1..{MAX_CROPS}; "
                                   "vision FLOPs and image tokens change"),
 }
 # Knobs that change the work (FLOPs, bytes) against knobs that change only how the same work is executed.
 WORK_KNOBS = ("moe_top_k", "max_crops")
-IMPL_KNOBS = ("attn_implementation", "experts_implementation", "decode_backend")
+IMPL_KNOBS = ("attn_implementation", "experts_implementation", "backend")
 # What a CUDA-graph-captured decode step can run with.
 GRAPH_ATTN = ("sdpa", "eager")  # flash_attention_2 takes no additive mask over a static cache
-GRAPH_EXPERTS = ("grouped_mm", "batched_mm")  # transformers' eager experts loop syncs with the host
+GRAPH_EXPERTS = ("auto", "grouped_mm", "batched_mm")  # transformers' eager experts loop syncs with the host
 
 
 def _int_range(key: str, arch: Arch) -> tuple[int, int]:
@@ -85,26 +88,28 @@ def resolve(values: Mapping[str, Any], arch: Arch) -> dict[str, Any]:
 
 def problem(knobs: Mapping[str, Any], device_type: str, dtype: str) -> str | None:
     """Why a resolved combination of knobs cannot run on `device_type` in `dtype` (None when it can)."""
-    if knobs["decode_backend"] != "cuda_graph":
+    if knobs["backend"] != "cuda_graph":
         return None
     if device_type != "cuda":
-        return f"decode_backend cuda_graph needs device cuda; this run's device is {device_type!r}"
+        return f"backend cuda_graph needs device cuda; this run's device is {device_type!r}"
     if knobs["attn_implementation"] not in GRAPH_ATTN:
-        return (f"decode_backend cuda_graph with attn_implementation {knobs['attn_implementation']!r}; "
+        return (f"backend cuda_graph with attn_implementation {knobs['attn_implementation']!r}; "
                 f"allowed: {', '.join(GRAPH_ATTN)}")
     if knobs["experts_implementation"] not in GRAPH_EXPERTS:
-        return (f"decode_backend cuda_graph with experts_implementation {knobs['experts_implementation']!r} (its "
+        return (f"backend cuda_graph with experts_implementation {knobs['experts_implementation']!r} (its "
                 f"loop over the experts hit syncs with the host); allowed: {', '.join(GRAPH_EXPERTS)}")
-    if knobs["experts_implementation"] == "grouped_mm" and dtype != "bfloat16":
-        # seen on the H200 with torch 2.11: torch._grouped_mm outside bfloat16 copies its offsets to the host
-        return (f"decode_backend cuda_graph with grouped_mm experts in {dtype} (grouped_mm copies its offsets to "
-                "the host outside bfloat16); allowed: bfloat16, or batched_mm experts")
+    if knobs["experts_implementation"] in ("auto", "grouped_mm") and dtype != "bfloat16":
+        # seen on the H200 with torch 2.11: torch._grouped_mm outside bfloat16 copies its offsets to the host;
+        # auto runs grouped_mm in prefill
+        return (f"backend cuda_graph with {knobs['experts_implementation']} experts in {dtype} (grouped_mm, which "
+                "auto runs in prefill, copies its offsets to the host outside bfloat16); allowed: bfloat16, or "
+                "batched_mm experts")
     return None
 
 
 def variant_name(knobs: Mapping[str, Any]) -> str:
-    """attn.experts.decode_backend.k<top-k>.c<max_crops>, e.g. sdpa.grouped_mm.eager.k8.c12."""
-    return (f"{knobs['attn_implementation']}.{knobs['experts_implementation']}.{knobs['decode_backend']}"
+    """attn.experts.backend.k<top-k>.c<max_crops>, e.g. sdpa.auto.eager.k8.c12."""
+    return (f"{knobs['attn_implementation']}.{knobs['experts_implementation']}.{knobs['backend']}"
             f".k{knobs['moe_top_k']}.c{knobs['max_crops']}")
 
 

@@ -4,7 +4,7 @@
    which write planned records inside snakemake) was submitted with sbatch (the
    plugin's "submitted with SLURM jobid" line), each SLURM job is known to slurmctld (`scontrol show job`
    keeps finished jobs for MinJobAge; its submit RPC is in the slurmctld log), ran to COMPLETED on the
-   node, and carried the profile's resources: the GPU rules (measure, profile, calibrate, flop_check) asked for and were
+   node, and carried the profile's resources: the GPU rules (measure, profile, calibrate, flop_check, fidelity) asked for and were
    allocated the fake GPU (TresPerNode=gres:gpu:1, JOB_GRES=gpu:1) and 16000 MB, the CPU rules no GPU;
    each job has its plugin log under .snakemake/slurm_logs. Snakemake submitted the measure jobs together
    (profiles/default's gpu=1 cap did not serialise them) and SLURM ran them one at a time on the one GPU.
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-GPU_RULES = {"measure", "profile", "calibrate", "flop_check"}  # rules profiles/slurm gives one GPU each
+GPU_RULES = {"measure", "profile", "calibrate", "flop_check", "fidelity"}  # rules profiles/slurm gives one GPU each
 GPU_MEM_MB = 16000
 COMPARED_DIRS = ("inputs", "results", "figures")
 

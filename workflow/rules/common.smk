@@ -74,15 +74,16 @@ except ValueError as e:
 CONFIGS = [{"image": image, "prompt": prompt, "decode": n, "variant": variant}
            for image in config["images"] for prompt in PROMPTS for n in config["decode_tokens"] for variant in VARIANTS]
 CONFIG = "{image}__{prompt}__n{decode}__{variant}"  # one configuration's file stem
-# Profiles need per-module ranges, which a graph replay does not show: eager-decode variants only.
-PROFILED = [c for c in CONFIGS if VARIANTS[c["variant"]]["decode_backend"] == "eager"]
+# Every configuration is profiled; graph replays show no module ranges, so their components come from
+# kernel names learned on the run's eager profiles (e1/profile/breakdown.py).
+PROFILED = CONFIGS
 
 
 def check_contexts():
     """Refuse, before any job runs, a configuration whose sequence does not fit the LLM's context."""
     limit = ARCH.llm["max_position_embeddings"]
     bad = []
-    for c in CONFIGS:
+    for c in [*CONFIGS, *FIDELITY]:
         w, h = parse_size(c["image"])
         crops = VARIANTS[c["variant"]]["max_crops"]
         image_tokens = layout_for(ARCH.with_knobs(max_crops=crops), w, h).image_tokens
@@ -95,8 +96,6 @@ def check_contexts():
                             + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
                             + "\nreduce images (or max_crops), prompts.<name>.tokens or decode_tokens")
 
-
-check_contexts()
 
 wildcard_constraints:
     image=r"[1-9][0-9]*x[1-9][0-9]*",
@@ -151,7 +150,15 @@ def code(*entries):
 SPEC = f"results/{RUN}/specs/{{kind}}/{{stem}}.json"
 FIRST_PROMPT = next(iter(PROMPTS))  # the flop check runs once per image and variant, with the first prompt
 # FlopCounterMode sees eager decode only (a graph replay hides its ops): one check per eager-decode variant.
-FLOPCHECK_VARIANTS = {knobs.variant_name(k): k for k in ({**v, "decode_backend": "eager"} for v in VARIANTS.values())}
+FLOPCHECK_VARIANTS = {knobs.variant_name(k): k for k in ({**v, "backend": "eager"} for v in VARIANTS.values())}
+
+
+# The generate() check runs eagerly: one per image and eager variant, first prompt, fidelity.decode_tokens.
+FIDELITY = [{"image": image, "prompt": FIRST_PROMPT, "decode": config["fidelity"]["decode_tokens"], "variant": v}
+            for image in config["images"] for v, k in VARIANTS.items() if k["backend"] == "eager"]
+
+
+check_contexts()
 
 
 def spec_input(kind, stem):
@@ -180,6 +187,9 @@ def job_spec(wildcards):
     if kind == "measure":
         return jobspec.to_dict(jobspec.MeasureJob(**base, decode_tokens=int(decode[1:]),
                                                   warmup=config["protocol"]["warmup"], timed=config["protocol"]["timed"]))
+    if kind == "fidelity":
+        return jobspec.to_dict(jobspec.FidelityJob(**base, decode_tokens=int(decode[1:]),
+                                                   pairs=config["fidelity"]["pairs"]))
     p = config["profile"]
     return jobspec.to_dict(jobspec.ProfileJob(**base, decode_tokens=int(decode[1:]), warmup=p["warmup"],
                                               runs=p["runs"], max_decode_steps=p["max_decode_steps"]))

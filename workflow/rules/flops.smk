@@ -90,7 +90,8 @@ rule findings:
     input:
         latency=rules.stage_latency.output[0],
         flops=rules.flops_vs_latency.output[0],
-        components=rules.breakdown.output if PROFILED else [],
+        components=rules.breakdown.output,
+        fidelity=per_config(rules.fidelity.output[0], FIDELITY),
         code=code("findings.py"),
     output:
         md="results/e1_findings.md",
@@ -99,4 +100,4 @@ rule findings:
         "logs/findings.log",
     shell:
         "{E1} {log} findings --latency {input.latency} --flops {input.flops} --components {input.components}"
-        " --out-md {output.md} --out-json {output.json}"
+        " --fidelity {input.fidelity} --out-md {output.md} --out-json {output.json}"

@@ -35,12 +35,14 @@ rule parse_trace:
     output:
         components=f"results/{RUN}/breakdown/{CONFIG}.components.parquet",
         stages=f"results/{RUN}/breakdown/{CONFIG}.stages.parquet",
+        kernels=f"results/{RUN}/breakdown/{CONFIG}.kernels.parquet",
         summary=f"results/{RUN}/breakdown/{CONFIG}.json",
     log:
         f"logs/{RUN}/parse_trace/{CONFIG}.log",
     shell:
         "{E1} {log} parse-trace --trace {input.trace} --profile {input.summary} --routing {input.routing}"
-        " --out-components {output.components} --out-stages {output.stages} --out-json {output.summary}"
+        " --out-components {output.components} --out-stages {output.stages} --out-kernels {output.kernels}"
+        " --out-json {output.summary}"
 
 
 rule breakdown:
@@ -48,6 +50,7 @@ rule breakdown:
         "../../envs/analysis.yaml"
     input:
         summaries=per_config(rules.parse_trace.output.summary, PROFILED),
+        kernels=per_config(rules.parse_trace.output.kernels, PROFILED),
         measured=per_config(rules.measure.output.summary, PROFILED),
         code=code("profile/breakdown.py"),
     output:
@@ -55,4 +58,5 @@ rule breakdown:
     log:
         "logs/breakdown.log",
     shell:
-        "{E1} {log} breakdown --out {output} --summaries {input.summaries} --measured {input.measured}"
+        "{E1} {log} breakdown --out {output} --summaries {input.summaries} --kernels {input.kernels}"
+        " --measured {input.measured}"

@@ -19,9 +19,8 @@ def gpu_state(index: int) -> dict[str, Any]:
     return nvsmi.state(claims.smi_id(index))
 
 
-def gpu_processes(index: int) -> list[dict[str, str]]:
-    """Compute processes on this job's GPU other than this one."""
-    bus = gpu_state(index).get("pci.bus_id")
+def gpu_processes(bus: str | None) -> list[dict[str, str]]:
+    """Compute processes on the GPU at PCI `bus` (all GPUs when None) other than this one."""
     return [{k: a[k] for k in ("pid", "name", "used_memory_mib")} for a in nvsmi.compute_apps()
             if a["pid"] != str(os.getpid()) and (bus is None or a["bus_id"] == bus)]
 
@@ -62,9 +61,9 @@ def capture(device: torch.device) -> dict[str, Any]:
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             nvidia_smi_id=claims.smi_id(index),  # the physical GPU the nvidia-smi readings are of
-            gpu_before=gpu_state(index),
-            other_gpu_processes=gpu_processes(index),
         )
+        info["gpu_before"] = gpu_state(index)
+        info["other_gpu_processes"] = gpu_processes(info["gpu_before"].get("pci.bus_id"))
     else:
         n = info["cpu_threads"]
         info["device_name"] = f"CPU ({info['cpu']}, {n} thread{'s' if n != 1 else ''})"

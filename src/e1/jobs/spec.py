@@ -58,6 +58,14 @@ class ProfileJob(ModelJob):
 
 
 @dataclass(frozen=True)
+class FidelityJob(ModelJob):
+    """e1's loop against transformers' generate() on one configuration (rule fidelity)."""
+
+    decode_tokens: int
+    pairs: int
+
+
+@dataclass(frozen=True)
 class CalibrateJob:
     """The device's measured ceilings (rule calibrate)."""
 
@@ -65,7 +73,8 @@ class CalibrateJob:
     dtype: str
 
 
-KINDS = {"measure": MeasureJob, "profile": ProfileJob, "flop_check": FlopCheckJob, "calibrate": CalibrateJob}
+KINDS = {"measure": MeasureJob, "profile": ProfileJob, "flop_check": FlopCheckJob, "fidelity": FidelityJob,
+         "calibrate": CalibrateJob}
 _TYPES = {"str": str, "int": int, "dict": dict}
 S = TypeVar("S")
 

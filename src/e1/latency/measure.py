@@ -4,7 +4,9 @@ its per-run rows (Parquet) and its summary (JSON)."""
 from __future__ import annotations
 
 import gc
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,61 +14,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+import e1
 from e1.jobs import env as jobenv
-from e1.jobs import hostload
+from e1.jobs import hostbench, hostload
 from e1.jobs.io import atomic_path, write_json
 from e1.jobs.log import log
 from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_device, variant_arch
 from e1.jobs.spec import MeasureJob
 from e1.latency.stats import summarize
+from e1.latency.memory import stage_memory
 from e1.latency.timing import CONVENTION, RunTiming, timed_generate
 from e1.model.build import resolve_dtype
-from e1.model.graph_decode import StaticDecoder, check_graph_support
-from e1.model.molmoe import MolmoE
+from e1.model.graphs import GraphedRequest, check_graph_support, compare_with_eager
 from e1.model.preprocess import check_context
-from e1.model.stage_inputs import StageInputs, prepare
+from e1.model.stage_inputs import prepare
 from e1.names import STAGES
-
-
-def graph_decoder(model: MolmoE, inp: StageInputs, new_tokens: int) -> tuple[StaticDecoder, float]:
-    """A decoder whose step is captured once for this configuration; returns it and the capture seconds."""
-    dec = StaticDecoder(model, max_len=inp.input_ids.shape[1] + max(new_tokens, 4))  # capture warm-up: 3 steps
-    timed_generate(model, inp, 2, decoder=dec)  # a started state (and one eager static step)
-    return dec, dec.capture()
-
-
-@torch.inference_mode()
-def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInputs, new_tokens: int,
-                       dec: StaticDecoder) -> dict[str, Any]:
-    """The guard for cuda_graph, in one eager decoding pass that also feeds the static decoder.
-
-    Free-running: the graph's tokens (a timed run) against eager decoding's. Teacher-forced: at every step
-    the static decoder gets eager's token and cache contents; does its argmax agree, how far apart are the
-    logits, and where the argmax differs, how close eager's top two logits were (a near-tie flipped by
-    rounding, or a real fault).
-    """
-    logits, cache = model.prefill(inp.input_ids, model.project(model.encode_images(inp.crops), inp.patch_masks),
-                                  inp.feature_index, inp.token_position)
-    token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-    dec.start(cache, token)
-    eager, agree, max_diff, flips = [token], 0, 0.0, []
-    for step in range(1, new_tokens):
-        dec.token.copy_(token)
-        dec.step()
-        logits, cache = model.decode_step(token, cache)
-        token = logits.argmax(dim=-1, keepdim=True)
-        eager.append(token)
-        max_diff = max(max_diff, float((logits.float() - dec.logits.float()).abs().max()))
-        if torch.equal(dec.token, token):
-            agree += 1
-        else:
-            top2 = logits.float().topk(2).values[0]
-            flips.append({"step": step, "eager_top2_margin": float(top2[0] - top2[1])})
-    diff = (torch.cat(eager, 1)[0].cpu() != graph_tokens).nonzero()
-    return {"compared_tokens": new_tokens, "equal": not len(diff),
-            "first_mismatch": int(diff[0]) if len(diff) else None,
-            "teacher_forced": {"steps": new_tokens - 1, "argmax_agree": agree, "max_abs_logit_diff": max_diff,
-                               "disagreements": flips}}
 
 
 COLUMNS = {"config_id": pa.string(), "run": pa.int64(), "stage": pa.string(), "step": pa.int64(), "ms": pa.float64()}
@@ -88,62 +50,95 @@ def run_rows(config_id: str, run: int, preprocess_ms: float, t: RunTiming) -> li
     return rows
 
 
+COMPARE_TOKENS = 33  # the cuda_graph guard compares the first min(N, 33) tokens (prefill + 32 decode steps)
+
+
+def job_time(marks: dict[str, float]) -> dict[str, Any]:
+    """A job's life: wall-clock marks (time.time()), the seconds between consecutive ones, and the seconds
+    outside its warm-up and timed runs (from the job's shell start to its end)."""
+    order = sorted(marks.items(), key=lambda kv: kv[1])
+    steps = {f"{a}->{b}": round(tb - ta, 3) for (a, ta), (b, tb) in zip(order, order[1:])}
+    total = marks["end"] - marks.get("shell_start", marks["python_start"])
+    runs = marks["runs_end"] - marks["runs_start"]
+    return {"marks": marks, "steps_s": steps, "total_s": round(total, 3), "runs_s": round(runs, 3),
+            "outside_runs_s": round(total - runs, 3)}
+
+
 def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> dict[str, Any]:
-    wall = {"start": time.time()}  # wall-clock (time.time()) marks: which jobs overlapped, afterwards
+    marks = {"python_start": e1.IMPORTED_AT, "measure_start": time.time()}
+    if os.environ.get("E1_JOB_STARTED"):
+        marks["shell_start"] = float(os.environ["E1_JOB_STARTED"])
     arch, knobs = variant_arch(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype)
-    if knobs["decode_backend"] == "cuda_graph":
+    graphed = knobs["backend"] == "cuda_graph"
+    if graphed:
         check_graph_support(knobs, device.type, dtype)
-    env = jobenv.capture(device)
-    if env.get("other_gpu_processes"):
-        log(f"WARNING: other processes on this GPU may perturb timings: {env['other_gpu_processes']}")
-    log(f"{spec.id}: building {arch.name} ({spec.weights} weights, {spec.dtype}) on {env['device_name']}; "
-        f"knobs {knobs}")
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # CUDA context
+        marks["cuda_ready"] = time.time()
+    pool = ThreadPoolExecutor(1)  # nvidia-smi readings (subprocesses) while the model builds
+    env_future = pool.submit(jobenv.capture, device)
+    log(f"{spec.id}: building {arch.name} ({spec.weights} weights, {spec.dtype}); knobs {knobs}")
     t0 = time.perf_counter()
     model = build_for(spec, arch, knobs, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
+    marks["model_built"] = time.time()
+    env = env_future.result()
+    marks["env_captured"] = time.time()
+    if env.get("other_gpu_processes"):
+        log(f"WARNING: other processes on this GPU may perturb timings: {env['other_gpu_processes']}")
     n_new = spec.decode_tokens
     image, prompt = job_inputs(spec)
     inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
     check_context(arch, inp.input_ids.shape[1], n_new)
     log(f"built in {build_s:.1f} s; {spec.warmup} warm-up + {spec.timed} timed runs of {n_new} new tokens")
 
-    rows: list[tuple] = []
-    tokens = []
-    decoder, capture_s = None, None
-    if knobs["decode_backend"] == "cuda_graph" and n_new > 1:
-        decoder, capture_s = graph_decoder(model, inp, n_new)
-        log(f"decode step captured in a CUDA graph in {capture_s:.2f} s (static cache of {decoder.kv.max_len} slots)")
+    graphs, capture_s = None, None
+    if graphed:
+        graphs = GraphedRequest(model, inp, n_new)
+        capture_s = graphs.capture()
+        marks["graphs_captured"] = time.time()
+        log(f"every stage captured in a CUDA graph in {capture_s:.2f} s (static cache of {graphs.kv.max_len} slots)")
+    bench = hostbench.host_bench(device)
     gc.collect()  # once: runs pause the collector, they do not collect
     load_before = hostload.snapshot()
-    wall["runs_start"] = time.time()
+    rows: list[tuple] = []
+    tokens, experts = [], {}
+    marks["runs_start"] = time.time()
     for run in range(-spec.warmup, spec.timed):
         t_pre = time.perf_counter()
         inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)  # timed on the host, per run
         pre_ms = (time.perf_counter() - t_pre) * 1e3
-        t = timed_generate(model, inp, n_new, decoder=decoder)
+        t = timed_generate(model, inp, n_new, graphs=graphs)
         if run >= 0:
             rows += run_rows(spec.id, run, pre_ms, t)
             tokens.append(t.tokens.cpu())
+            experts = t.experts
         log(f"{'warm-up' if run < 0 else 'timed'} run {run if run >= 0 else run + spec.warmup}: "
             f"e2e {t.e2e_ms:.1f} ms (vision {t.stages_ms['vision_encoder']:.1f}, projector "
             f"{t.stages_ms['projector']:.1f}, prefill {t.stages_ms['prefill']:.1f}, decode {t.stages_ms['decode']:.1f})")
-    wall["runs_end"] = time.time()
+    marks["runs_end"] = time.time()
+    after_future = pool.submit(jobenv.gpu_state, device.index or 0) if device.type == "cuda" else None
     load_after = hostload.snapshot()
+    compared = compare_with_eager(tokens[0], model, inp, min(n_new, COMPARE_TOKENS), graphs) if graphed else None
+    memory = stage_memory(model, inp, n_new, graphs)
+    marks["checks_done"] = time.time()
 
     by_stage: dict[str, list[float]] = {}
     for _cid, _run, stage, _step, ms in rows:
         by_stage.setdefault(stage, []).append(ms)
     meta = job_meta(spec, arch, device, dtype, env)
     meta.update(convention=CONVENTION, protocol={"warmup": spec.warmup, "timed": spec.timed, "batch_size": 1},
-                build_s=build_s, host_load={"before_timed_runs": load_before, "after_timed_runs": load_after})
+                build_s=build_s, host_load={"before_timed_runs": load_before, "after_timed_runs": load_after},
+                host_bench={**bench, "cpu": env["cpu"], "loadavg_before": load_before["loadavg"]})
     summary = {
         "id": spec.id,
         "variant": spec.variant,
         "knobs": knobs,
+        "experts_used": experts,
         "image": spec.image,
         "prompt": spec.prompt,
         "prompt_tokens": prompt["prompt_tokens"],
@@ -156,17 +151,23 @@ def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> 
         "decode_step": summarize(by_stage["decode_step"]) if n_new > 1 else None,
         "tokens_identical_across_runs": bool(all(torch.equal(tokens[0], x) for x in tokens)),
         "graph_capture_s": capture_s,
-        "tokens_vs_eager_decode": compare_with_eager(tokens[0], model, inp, n_new, decoder) if decoder is not None else None,
+        "graph_vs_eager": compared,
+        "memory": memory,
         "meta": meta,
     }
-    if device.type == "cuda":
-        meta["env"]["gpu_after"] = jobenv.gpu_state(device.index or 0)
+    if after_future is not None:
+        meta["env"]["gpu_after"] = after_future.result()
         meta["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    meta["wall_clock"] = {**wall, "end": time.time()}
+    pool.shutdown()
     write_rows(rows, out_parquet)
+    marks["end"] = time.time()
+    meta["wall_clock"] = {"start": marks["measure_start"], "runs_start": marks["runs_start"],
+                          "runs_end": marks["runs_end"], "end": marks["end"]}
+    meta["job_time"] = job_time(marks)
     write_json(out_json, summary)
     st = summary["stages"]
     log(f"{spec.id}: e2e median {st['e2e']['median_ms']:.1f} ms; " + ", ".join(
         f"{s} {st[s]['median_ms']:.1f}" for s in STAGES) + f" (medians over {spec.timed} runs, {arch.name}, "
-        f"{meta['dtype']}, {spec.weights} weights, {env['device_name']})")
+        f"{meta['dtype']}, {spec.weights} weights, {env['device_name']}; experts {experts}); job "
+        f"{meta['job_time']['total_s']:.1f} s, {meta['job_time']['outside_runs_s']:.1f} s outside the runs")
     return summary

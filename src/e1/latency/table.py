@@ -7,6 +7,7 @@ checked readers of measure summaries and of the table, for every rule that reads
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,54 @@ def flags(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+OVERHEAD_RULE = ("host overhead of a stage = its eager median - the median of the same configuration with backend "
+                 "cuda_graph (same attention, experts, top-k and crops); share = overhead / eager median")
+
+
+def _twin_key(row: dict[str, Any]) -> tuple:
+    k = row["knobs"]
+    return (row["image"], row["prompt"], row["decode_tokens"],
+            *(k[x] for x in sorted(k) if x != "backend"))
+
+
+def host_overhead(rows: list[dict[str, Any]]) -> None:
+    """Give every eager row whose cuda_graph twin was measured its host overhead per stage (OVERHEAD_RULE)."""
+    graphs = {_twin_key(r): r for r in rows if r["knobs"].get("backend") == "cuda_graph"}
+    for r in rows:
+        twin = graphs.get(_twin_key(r)) if r["knobs"].get("backend") == "eager" else None
+        if twin is None:
+            continue
+        ms = {s: r["stages"][s]["median_ms"] - twin["stages"][s]["median_ms"] for s in (*STAGES, "e2e")}
+        if r["decode_steps"] > 0:
+            ms["decode_step"] = r["decode_step"]["median_ms"] - twin["decode_step"]["median_ms"]
+        eager = {**{s: r["stages"][s]["median_ms"] for s in ms if s != "decode_step"},
+                 **({"decode_step": r["decode_step"]["median_ms"]} if "decode_step" in ms else {})}
+        r["host_overhead"] = {"graph_twin": twin["id"], "ms": ms,
+                              "share": {s: v / eager[s] if eager[s] > 0 else None for s, v in ms.items()}}
+
+
+def job_cost(configs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the run's measure jobs cost outside their warm-up and timed runs, and the gaps between them."""
+    times = [c["meta"]["job_time"] for c in configs if c["meta"].get("job_time")]
+    if not times:
+        return None
+    outside = sorted(t["outside_runs_s"] for t in times)
+    spans = sorted((t["marks"].get("shell_start", t["marks"]["python_start"]), t["marks"]["end"]) for t in times)
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] >= a[1]]
+
+    def stats(v: list[float]) -> dict[str, float] | None:
+        return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} if v else None
+
+    steps: dict[str, list[float]] = {}
+    for t in times:
+        for k, v in t["steps_s"].items():
+            steps.setdefault(k, []).append(v)
+    return {"outside_runs_s": stats(outside), "runs_s_total": sum(t["runs_s"] for t in times),
+            "jobs_s_total": sum(t["total_s"] for t in times), "gap_between_jobs_s": stats(gaps),
+            "first_start_to_last_end_s": spans[-1][1] - spans[0][0],
+            "median_step_s": {k: statistics.median(v) for k, v in steps.items()}}
+
+
 def stage_latency(summaries: list[str | Path], out: str | Path) -> dict[str, Any]:
     """Rule stage_latency: all configurations of one run in one table."""
     if not summaries:
@@ -93,6 +142,12 @@ def stage_latency(summaries: list[str | Path], out: str | Path) -> dict[str, Any
         row["host_load"] = c["meta"].get("host_load")
         rows.append(row)
     meta["flagged"] = {r["id"]: r["flags"] for r in rows if r["flags"]}
+    host_overhead(rows)
+    meta["host_overhead_rule"] = OVERHEAD_RULE
+    meta["job_cost"] = job_cost(configs)
+    for r, c in zip(rows, configs):
+        r["host_bench"] = c["meta"].get("host_bench")
+        r["job_time"] = c["meta"].get("job_time")
     result = {"meta": meta, "configs": rows}
     write_json(out, result)
     return result
@@ -115,4 +170,13 @@ def read_latency(path: str | Path) -> dict[str, Any]:
             row["stages"][s].number("mean_ms")
         if row.data["decode_steps"] > 0:
             row["decode_step"].number("median_ms")
+    return rec.data
+
+
+def read_fidelity(path: str | Path) -> dict[str, Any]:
+    """A fidelity job's JSON (e1 against generate()), checked."""
+    rec = Record.load(path, "fidelity")
+    rec.require("id", "decode_tokens", "tokens_equal", "within_target", "experts_used")
+    for k in ("e1_median_ms", "generate_median_ms", "ratio_e1_over_generate"):
+        rec.number(k, minimum=1e-12)
     return rec.data

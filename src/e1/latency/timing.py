@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from e1.model.graph_decode import StaticDecoder
+from e1.model.graphs import GraphedRequest
 from e1.model.molmoe import MolmoE
 from e1.model.stage_inputs import StageInputs
 from e1.names import COMP_RANGE, STAGE_RANGE
@@ -25,8 +25,11 @@ CONVENTION = (
     "stages are bracketed by CUDA events on the stream (host clock on CPU) with one synchronize per run; "
     "e2e = host clock around the synchronized run (image preprocessing excluded, reported as 'preprocess'); "
     "unattributed = e2e - sum of the four stages; Python's garbage collector is paused during each run; "
-    "decode_backend cuda_graph: prefill includes copying its KV cache into the static cache, each decode step is "
-    "one replay of the captured step (argmax included)"
+    "experts auto: prefill runs transformers' default experts implementation, decode steps run inside "
+    "transformers' own decode policy (what generate() switches to), recorded per stage as experts_used; "
+    "backend cuda_graph: each stage is one replay of a graph captured for the configuration (the request's "
+    "inputs are copied into static buffers before the clock starts; prefill includes copying its KV cache into "
+    "the static cache; each decode step includes its argmax)"
 )
 
 
@@ -36,6 +39,7 @@ class RunTiming:
     decode_steps_ms: list[float]
     e2e_ms: float
     tokens: torch.Tensor = field(repr=False)  # (new_tokens,) generated ids
+    experts: dict[str, str | None] = field(default_factory=dict)  # the experts implementation prefill/decode ran
 
     @property
     def unattributed_ms(self) -> float:
@@ -105,48 +109,60 @@ def gc_paused():
 
 @torch.inference_mode()
 def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: bool = True,
-                   annotate: bool = False, decoder: StaticDecoder | None = None) -> RunTiming:
+                   annotate: bool = False, graphs: GraphedRequest | None = None) -> RunTiming:
     """One run of the four stages with forced length `new_tokens`; no host sync inside the run.
 
+    Decode steps run in the model's decode context (experts 'auto': transformers' own decode policy).
     annotate=True wraps every stage, decode step and the sampling in profiler ranges (profile jobs only).
-    decoder: decode on its static cache (a CUDA-graph replay per step once captured) instead of eagerly.
+    graphs: run every stage on its static buffers (a CUDA-graph replay once captured) instead of eagerly; the
+    inputs are copied into them before the clock starts.
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     rng = record_function if annotate else nullcontext
     clock = Clock(inp.input_ids.device, n_marks=4 + new_tokens - 1, events=events)
+    experts = {}
+    if graphs is not None:
+        graphs.load(inp)
     with gc_paused():
         clock.start()
         clock.mark()
         with rng(f"{STAGE_RANGE}vision_encoder"):
-            feats = model.encode_images(inp.crops)
+            feats = model.encode_images(inp.crops) if graphs is None else graphs.vision()
         clock.mark()
         with rng(f"{STAGE_RANGE}projector"):
-            embeds = model.project(feats, inp.patch_masks)
+            embeds = model.project(feats, inp.patch_masks) if graphs is None else graphs.project()
         clock.mark()
+        experts["prefill"] = model.experts_in_use()
         with rng(f"{STAGE_RANGE}prefill"):
-            logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
-            with rng(f"{COMP_RANGE}sampling"):
-                token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-            if decoder is not None and new_tokens > 1:
-                decoder.start(cache, token)
+            if graphs is None:
+                logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+                with rng(f"{COMP_RANGE}sampling"):
+                    token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+            else:
+                token = graphs.prefill()
         tokens = [token]
         clock.mark()
-        for step in range(1, new_tokens):
-            with rng(f"{STAGE_RANGE}decode#{step}"):
-                if decoder is not None:
-                    token = decoder.step()
-                else:
-                    logits, cache = model.decode_step(token, cache)
-                    with rng(f"{COMP_RANGE}sampling"):
-                        token = logits.argmax(dim=-1, keepdim=True)
-            tokens.append(token)
-            clock.mark()
+        with model.decode_experts():
+            experts["decode"] = model.experts_in_use()
+            for step in range(1, new_tokens):
+                with rng(f"{STAGE_RANGE}decode#{step}"):
+                    if graphs is not None:
+                        token = graphs.step()
+                    else:
+                        logits, cache = model.decode_step(token, cache)
+                        with rng(f"{COMP_RANGE}sampling"):
+                            token = logits.argmax(dim=-1, keepdim=True)
+                tokens.append(token)
+                clock.mark()
         e2e = clock.stop()
+    if graphs is not None and graphs.graphs:  # replays run what each stage was captured with
+        experts = {"prefill": graphs.experts["prefill"], "decode": graphs.experts["decode"]}
     iv = clock.intervals_ms()
     if iv:
         steps = iv[3:]
         stages = {"vision_encoder": iv[0], "projector": iv[1], "prefill": iv[2], "decode": float(sum(steps))}
     else:
         steps, stages = [], {}
-    return RunTiming(stages_ms=stages, decode_steps_ms=steps, e2e_ms=e2e, tokens=torch.cat(tokens, 1)[0])
+    return RunTiming(stages_ms=stages, decode_steps_ms=steps, e2e_ms=e2e, tokens=torch.cat(tokens, 1)[0],
+                     experts=experts)

@@ -10,6 +10,7 @@ Each stage is one call, so timing code brackets stages exactly:
 from __future__ import annotations
 
 import inspect
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -22,13 +23,14 @@ from e1.model.connector import Connector
 from e1.model.vision import VisionEncoder
 
 ATTN_IMPLEMENTATIONS = AXES["attn_implementation"].allowed
-EXPERTS_IMPLEMENTATIONS = tuple(v for v in AXES["experts_implementation"].allowed if v != "auto")  # concrete ones
+EXPERTS_IMPLEMENTATIONS = AXES["experts_implementation"].allowed  # "auto": transformers' own policy per stage
 
 # transformers renamed the cache argument (past_key_values -> cache) during 5.x; accept either.
 _CACHE_KW = "cache" if "cache" in inspect.signature(OlmoeModel.forward).parameters else "past_key_values"
 
 
-def olmoe_config(arch: Arch, attn_implementation: str, experts_implementation: str) -> OlmoeConfig:
+def olmoe_config(arch: Arch, attn_implementation: str, experts_implementation: str | None) -> OlmoeConfig:
+    """OLMoE's config for `arch`; experts_implementation None leaves transformers its own default."""
     llm = arch.llm
     return OlmoeConfig(
         vocab_size=llm["vocab_size"],
@@ -67,13 +69,29 @@ class MolmoE(nn.Module):
         self.arch = arch
         self.vision = VisionEncoder(arch, attn_implementation)
         self.connector = Connector(arch, attn_implementation)
-        llm = OlmoeForCausalLM(olmoe_config(arch, attn_implementation, experts_implementation))
+        self.experts_knob = experts_implementation
+        auto = experts_implementation == "auto"
+        llm = OlmoeForCausalLM(olmoe_config(arch, attn_implementation, None if auto else experts_implementation))
         d, rows = arch.llm["hidden_size"], arch.llm["vocab_size"] + arch.llm["extra_vocab"]
         # MolmoE's token table: 50304 rows + 128 extra rows; the lm_head keeps 50304 outputs (untied).
         llm.model.embed_tokens = nn.Embedding(rows, d, padding_idx=arch.tokens["pad"])
         self.llm = llm.model  # OlmoeModel: embed_tokens, layers, norm, rotary_emb
         self.lm_head = llm.lm_head
         self.llm_config = llm.config
+        # The causal LM that owns llm and lm_head, for generate() and its decode policy; kept out of the module
+        # tree (not a submodule: its parameters are already ours, counted once).
+        self.__dict__["causal_lm"] = llm
+
+    def experts_in_use(self) -> str:
+        """The experts implementation transformers runs right now."""
+        return self.llm_config._experts_implementation
+
+    def decode_experts(self) -> AbstractContextManager:
+        """The context for decode steps: with experts 'auto', transformers' own decode policy (what generate()
+        switches to for decoding, read from the installed library: e.g. grouped_mm -> batched_mm off the
+        CPU); an explicit implementation is pinned for both stages."""
+        policy = getattr(self.causal_lm, "_optimize_model_for_decode", None)
+        return policy() if self.experts_knob == "auto" and callable(policy) else nullcontext()
 
     # --- stages -------------------------------------------------------------------------------
     def encode_images(self, crops: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 from e1.plots.common import save, title_for  # noqa: E402
 from e1.profile.breakdown import read_breakdown  # noqa: E402
 
-PARTS = ("attention", "FFN / MoE experts", "MoE router", "other", "idle")
+PARTS = ("attention", "FFN / MoE experts", "MoE router", "other", "unclassified", "idle")
 COLORS = {"attention": "#4C72B0", "FFN / MoE experts": "#C44E52", "MoE router": "#DD8452", "other": "#8C8C8C",
-          "idle": "#FFFFFF"}
+          "unclassified": "#D9D9D9", "idle": "#FFFFFF"}
 
 
 def _parts(entry: dict) -> dict[str, float]:
@@ -37,7 +37,8 @@ def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
         for stage, tag in (("prefill", "prefill"), ("decode_per_token", "decode/tok")):
             if stage in c["stages"]:
                 bars.append(_parts(c["stages"][stage]))
-                labels.append(f"{c['image']} {c['prompt']} n{c['decode_tokens']}\n{tag}"
+                by_name = " (kernel names)" if c.get("component_source", "").startswith("kernel") else ""
+                labels.append(f"{c['image']} {c['prompt']} n{c['decode_tokens']}\n{tag}{by_name}"
                               + (f"\n{c['variant']}" if several else ""))
                 x.append(pos)
                 pos += 1.0
@@ -55,7 +56,7 @@ def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
             bottom += vals
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("ms (prefill: per request;\ndecode: per token)")
-    axes[0].legend(ncol=5, frameon=False, loc="upper left", fontsize=8)
+    axes[0].legend(ncol=6, frameon=False, loc="upper left", fontsize=8)
     axes[1].set_ylabel("share of stage wall time (%)")
     axes[1].set_ylim(0, 100)
     axes[1].set_xticks(x)
@@ -65,5 +66,6 @@ def plot_breakdown(breakdown_json: str | Path, out_png: str | Path) -> None:
     axes[0].set_title(f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · "
                       f"torch.profiler device time, per-token decode over the profiled steps\n"
                       f"wall and idle are measured under the profiler, which slows the host: the JSON also "
-                      f"gives idle against the un-profiled timed wall (idle_share_timed)", fontsize=8)
+                      f"gives idle against the un-profiled timed wall (idle_share_timed); cuda_graph bars: groups "
+                      f"from kernel names learned on the eager profiles", fontsize=8)
     save(fig, out_png)

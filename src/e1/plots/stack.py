@@ -24,15 +24,15 @@ def image_area(size: str) -> int:
 
 def knobs_text(knobs: dict) -> str:
     return (f"{knobs['attn_implementation']} attention, {knobs['experts_implementation']} experts, "
-            f"{knobs['decode_backend']} decode, top-{knobs['moe_top_k']} experts, max {knobs['max_crops']} crops")
+            f"{knobs['backend']} backend, top-{knobs['moe_top_k']} experts, max {knobs['max_crops']} crops")
 
 
 def subtitle(meta: dict, configs: list[dict]) -> str:
     variants = {c["variant"]: c["knobs"] for c in configs}
     how = knobs_text(next(iter(variants.values()))) if len(variants) == 1 else \
-        f"{len(variants)} variants (attn.experts.decode.k<top-k>.c<max crops>, named under each bar)"
+        f"{len(variants)} variants (attn.experts.backend.k<top-k>.c<max crops>, named under each bar)"
     return (f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · {how} · "
-            f"means of {meta['protocol']['timed']} timed runs after {meta['protocol']['warmup']} warm-up")
+            f"medians of {meta['protocol']['timed']} timed runs after {meta['protocol']['warmup']} warm-up")
 
 
 def plot_stack(latency_json: str | Path, out_png: str | Path) -> None:
@@ -54,7 +54,10 @@ def stack_figure(data: dict) -> plt.Figure:
         elif configs[i]["prompt"] != configs[i - 1]["prompt"]:
             gap += 0.4
         x[i] += gap
-    ms = {s: np.array([c["stages"][s]["mean_ms"] for c in configs]) for s in STAGES}
+    ms = {s: np.array([c["stages"][s]["median_ms"] for c in configs]) for s in STAGES}
+    # host overhead (eager minus the cuda_graph twin), drawn hatched at the top of each eager stage
+    over = {s: np.array([min(max((c.get("host_overhead") or {}).get("ms", {}).get(s, 0.0), 0.0), ms[s][i])
+                         for i, c in enumerate(configs)]) for s in STAGES}
     total = sum(ms.values())
 
     fig, (ax_ms, ax_pct, ax_fixed) = plt.subplots(
@@ -63,17 +66,24 @@ def stack_figure(data: dict) -> plt.Figure:
     bottom_ms = np.zeros(len(configs))
     bottom_pct = np.zeros(len(configs))
     bottom_fixed = np.zeros(len(configs))
+    labelled = False
     for s in STAGES:
         ax_ms.bar(x, ms[s], 0.8, bottom=bottom_ms, color=COLORS[s], label=LABELS[s])
         pct = 100 * ms[s] / total
         ax_pct.bar(x, pct, 0.8, bottom=bottom_pct, color=COLORS[s])
+        if over[s].any():
+            kw = {"fill": False, "hatch": "///", "edgecolor": "0.15", "linewidth": 0}
+            ax_ms.bar(x, over[s], 0.8, bottom=bottom_ms + ms[s] - over[s], **kw,
+                      label=None if labelled else "host overhead (eager − cuda_graph twin)")
+            ax_pct.bar(x, 100 * over[s] / total, 0.8, bottom=bottom_pct + pct - 100 * over[s] / total, **kw)
+            labelled = True
         bottom_ms += ms[s]
         bottom_pct += pct
         if s != "decode":
             ax_fixed.bar(x, ms[s], 0.8, bottom=bottom_fixed, color=COLORS[s])
             bottom_fixed += ms[s]
-    ax_ms.set_ylabel("latency per request\n(ms, mean)")
-    ax_ms.legend(loc="upper left", ncol=4, frameon=False)
+    ax_ms.set_ylabel("latency per request\n(ms, median)")
+    ax_ms.legend(loc="upper left", ncol=5, frameon=False)
     ax_ms.grid(axis="y", alpha=0.3)
     ax_ms.set_ylim(0, bottom_ms.max() * 1.15)
     ax_pct.set_ylabel("share of the four\nstages (%)")

@@ -26,6 +26,15 @@ CONVENTION = (
 )
 
 
+KERNEL_CONVENTION = (
+    "graph replays launch their kernels outside the module ranges, so for cuda_graph variants each LLM kernel is "
+    "given the component group that the run's eager profiles attribute most of that kernel name's time to "
+    "(learned from every eager configuration of the run); names no eager profile saw are 'unclassified'. "
+    "Checked on the eager configurations themselves, each classified from the other eager configurations: "
+    "agreement = share of busy time classified into the group its ranges give"
+)
+
+
 def _per_run_mean(df: pd.DataFrame, value: str, runs: int, steps: int) -> float:
     """Mean over all profiled runs (absent = 0) of the per-run total, per decode step for decode, in ms."""
     return float(df[value].sum()) / runs / 1e3 / max(steps, 1)
@@ -99,11 +108,14 @@ def read_routing(path: str | Path) -> pd.DataFrame:
 
 
 def parse(trace: str | Path, profile_json: str | Path, routing_parquet: str | Path,
-          out_components: str | Path, out_stages: str | Path, out_json: str | Path) -> dict[str, Any]:
-    """Rule parse_trace: attribute one trace, write the two tables and the configuration summary."""
+          out_components: str | Path, out_stages: str | Path, out_kernels: str | Path,
+          out_json: str | Path) -> dict[str, Any]:
+    """Rule parse_trace: attribute one trace, write the three tables and the configuration summary."""
     profile = read_profile(profile_json)
     routing = read_routing(routing_parquet)
-    components, stages, kind = attribute(load_events(trace))
+    components, stages, kernels, kind = attribute(load_events(trace))
+    with atomic_path(out_kernels, suffix=".parquet") as tmp:
+        kernels.to_parquet(tmp, index=False)
     if stages.empty:
         raise ArtifactError(f"{trace}: no device activity inside e1 stage ranges; {rebuild_hint(trace, PROFILE_RULE)}")
     with atomic_path(out_components, suffix=".parquet") as tmp:
@@ -113,8 +125,10 @@ def parse(trace: str | Path, profile_json: str | Path, routing_parquet: str | Pa
     result = {k: profile[k] for k in ("id", "variant", "knobs", "image", "prompt", "decode_tokens",
                                       "profiled_decode_steps", "counts")}
     result["device_activity"] = "CUDA kernels" if kind == "cuda" else "top-level ATen ops (CPU)"
+    result["component_source"] = profile.get("component_source", "profiler ranges")
     result.update(config_breakdown(components, stages, profile, routing))
     runs = profile["profiled_runs"]
+    result["profiled_runs_count"] = len(runs)
     result["profiled_event_ms"] = {
         s: sum(r["stages_ms"][s] for r in runs) / len(runs) for s in ("vision_encoder", "projector", "prefill")
     }
@@ -136,17 +150,63 @@ def read_config_breakdown(path: str | Path) -> dict[str, Any]:
     return rec.data
 
 
-def study_breakdown(summaries: list[str | Path], measured: list[str | Path], out: str | Path) -> dict[str, Any]:
-    """Rule breakdown: all configurations + profiled-vs-timed stage times (the profiler's overhead)."""
+def read_kernels(path: str | Path) -> pd.DataFrame:
+    """A parse_trace kernel table (stage, component, name, n_kernels, time_us), checked."""
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for missing, truncated or foreign files
+        raise ArtifactError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}); "
+                            f"{rebuild_hint(path, PARSE_RULE)}") from None
+    want = ["stage", "component", "name", "n_kernels", "time_us"]
+    if list(df.columns) != want or (df.time_us < 0).any():
+        raise ArtifactError(f"{path}: expected columns {want} (time_us >= 0), got {list(df.columns)}; "
+                            f"{rebuild_hint(path, PARSE_RULE)}")
+    return df
+
+
+def learn_kernel_groups(tables: list[pd.DataFrame]) -> dict[str, str]:
+    """Kernel name -> the component group most of its time belongs to, over range-attributed tables."""
+    if not tables:
+        return {}
+    df = pd.concat(tables)
+    df = df.assign(group=df.component.map(lambda c: GROUPS.get(c, "other")))
+    by = df.groupby(["name", "group"], as_index=False).time_us.sum()
+    return dict(by.sort_values("time_us").groupby("name").group.last())
+
+
+def classify_kernels(kernels: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
+    """kernels with a `predicted` group per row ('unclassified' for names the mapping lacks)."""
+    return kernels.assign(predicted=kernels.name.map(lambda n: mapping.get(n, "unclassified")))
+
+
+def kernel_agreement(kernels: pd.DataFrame, mapping: dict[str, str]) -> dict[str, float | None]:
+    """Per LLM stage: share of kernel time classified into the group its ranges attributed it to."""
+    k = classify_kernels(kernels, mapping)
+    k = k.assign(group=k.component.map(lambda c: GROUPS.get(c, "other")))
+    out = {}
+    for stage, g in k.groupby("stage"):
+        total = g.time_us.sum()
+        out["decode_per_token" if stage == "decode" else stage] = \
+            float(g.time_us[g.group == g.predicted].sum() / total) if total else None
+    return out
+
+
+def study_breakdown(summaries: list[str | Path], kernel_tables: list[str | Path], measured: list[str | Path],
+                    out: str | Path) -> dict[str, Any]:
+    """Rule breakdown: all configurations, profiled-vs-timed stage times (the profiler's overhead), and for
+    cuda_graph configurations the component groups classified by kernel name (KERNEL_CONVENTION)."""
     if not summaries:
         raise ValueError("no parse_trace summaries to gather into the component breakdown")
+    if len(kernel_tables) != len(summaries):
+        raise ValueError(f"{len(summaries)} summaries but {len(kernel_tables)} kernel tables; give one per summary")
     timed = {m["id"]: m for m in map(read_summary, measured)}
-    configs = []
+    configs, kernels = [], {}
     first = None
-    for p in summaries:
+    for p, kp in zip(summaries, kernel_tables):
         c = read_config_breakdown(p)
         meta = c.pop("meta")
         first = first or meta
+        kernels[c["id"]] = read_kernels(kp)
         t = timed.get(c["id"])
         if t is not None:
             ref = {s: t["stages"][s]["median_ms"] for s in ("vision_encoder", "projector", "prefill")}
@@ -160,8 +220,29 @@ def study_breakdown(summaries: list[str | Path], measured: list[str | Path], out
                     c["stages"][k]["timed_wall_ms"] = v
                     c["stages"][k]["idle_share_timed"] = max(0.0, 1 - c["stages"][k]["busy_ms"] / v)
         configs.append(c)
+    eager = [c["id"] for c in configs if c.get("component_source", "profiler ranges") == "profiler ranges"]
+    for c in configs:
+        others = [kernels[i] for i in eager if i != c["id"]]
+        if c["id"] in eager:
+            c["kernel_name_agreement"] = kernel_agreement(kernels[c["id"]], learn_kernel_groups(others))
+            continue
+        mapping = learn_kernel_groups(others)
+        k = classify_kernels(kernels[c["id"]], mapping)
+        runs, steps = c["profiled_runs_count"], c["profiled_decode_steps"]
+        for stage, g in k.groupby("stage"):
+            key = "decode_per_token" if stage == "decode" else stage
+            if key in c["stages"]:
+                n = runs * (steps if stage == "decode" else 1)
+                c["stages"][key]["groups_ms"] = {grp: float(x.time_us.sum()) / 1e3 / max(n, 1)
+                                                 for grp, x in g.groupby("predicted")}
+                c["stages"][key]["groups_from"] = f"kernel names learned from {len(others)} eager profiles" \
+                    if mapping else "no eager profile in this run: every kernel unclassified"
+    agreement = [a for c in configs for a in (c.get("kernel_name_agreement") or {}).values() if a is not None]
     result = {"meta": {k: first[k] for k in ("model", "weights", "device", "device_type", "dtype", "torch",
-                                             "transformers")} | {"convention": CONVENTION},
+                                             "transformers")} | {"convention": CONVENTION,
+                                                                 "kernel_convention": KERNEL_CONVENTION},
+              "kernel_name_agreement": {"min": min(agreement), "median": float(pd.Series(agreement).median()),
+                                        "n": len(agreement)} if agreement else None,
               "configs": configs}
     write_json(out, result)
     return result

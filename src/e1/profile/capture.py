@@ -7,6 +7,7 @@ generate min(N, max_decode_steps + 1) tokens: the decode breakdown is reported p
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_device, var
 from e1.jobs.spec import ProfileJob
 from e1.latency.timing import timed_generate
 from e1.model.build import resolve_dtype
+from e1.model.graphs import GraphedRequest, check_graph_support
 from e1.model.molmoe import MolmoE
 from e1.model.stage_inputs import StageInputs, prepare
 from e1.names import RUN_RANGE
@@ -52,11 +54,11 @@ def expert_routing(model: MolmoE, inp: StageInputs) -> pa.Table:
 def profile_config(spec: ProfileJob, out_trace: str | Path, out_json: str | Path,
                    out_routing: str | Path) -> dict[str, Any]:
     arch, knobs = variant_arch(spec)
-    if knobs["decode_backend"] != "eager":
-        raise ValueError(f"decode_backend {knobs['decode_backend']!r}: profiles need per-module ranges, which a "
-                         "graph replay does not show; allowed: eager")
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype)
+    graphed = knobs["backend"] == "cuda_graph"
+    if graphed:
+        check_graph_support(knobs, device.type, dtype)
     env = jobenv.capture(device)
     model = build_for(spec, arch, knobs, device)
     image, prompt = job_inputs(spec)
@@ -64,17 +66,21 @@ def profile_config(spec: ProfileJob, out_trace: str | Path, out_json: str | Path
     n_new = min(spec.decode_tokens, spec.max_decode_steps + 1)
     log(f"{spec.id}: profiling {spec.runs} runs of {n_new} new tokens (config asks {spec.decode_tokens}) after "
         f"{spec.warmup} warm-up runs")
+    graphs = None
+    if graphed:  # replays show their kernels under the stage ranges only: components come from kernel names
+        graphs = GraphedRequest(model, inp, n_new)
+        graphs.capture()
     for _ in range(spec.warmup):
-        timed_generate(model, inp, n_new)
+        timed_generate(model, inp, n_new, graphs=graphs)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     runs = []
-    with component_ranges(model):
-        timed_generate(model, inp, n_new, annotate=True)  # warm the annotated path too
+    with nullcontext() if graphed else component_ranges(model):
+        timed_generate(model, inp, n_new, annotate=True, graphs=graphs)  # warm the annotated path too
         t0 = time.perf_counter()
         with profile(activities=acts, record_shapes=False, with_stack=False) as prof:
             for k in range(spec.runs):
                 with record_function(f"{RUN_RANGE}{k}"):
-                    t = timed_generate(model, inp, n_new, annotate=True)
+                    t = timed_generate(model, inp, n_new, annotate=True, graphs=graphs)
                 runs.append({"run": k, "e2e_ms": t.e2e_ms, "stages_ms": t.stages_ms,
                              "decode_steps_ms": t.decode_steps_ms})
         profiled_s = time.perf_counter() - t0
@@ -87,6 +93,7 @@ def profile_config(spec: ProfileJob, out_trace: str | Path, out_json: str | Path
         "decode_tokens": spec.decode_tokens, "profiled_new_tokens": n_new, "profiled_decode_steps": n_new - 1,
         "counts": {**layout.counts(), "prefill_tokens": int(inp.input_ids.shape[1])},
         "profiled_runs": runs, "profiled_wall_s": profiled_s,
+        "component_source": "kernel names (graph replays)" if graphed else "profiler ranges",
         "meta": job_meta(spec, arch, device, dtype, env),
     }
     write_json(out_json, summary)

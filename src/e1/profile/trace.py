@@ -36,6 +36,7 @@ class _Act:
     tid: object
     start: float
     dur: float
+    name: str = ""
     run: int = -1
     stage: str = "none"
     step: int = -1
@@ -66,7 +67,7 @@ def _activities(events: list[dict], range_tids: set) -> tuple[list[_Act], str]:
         for k in kernels:
             launch = launches.get(k.get("args", {}).get("correlation"))
             t, tid = (launch["ts"], launch["tid"]) if launch else (float("nan"), None)
-            acts.append(_Act(t, tid, float(k["ts"]), float(k.get("dur", 0.0))))
+            acts.append(_Act(t, tid, float(k["ts"]), float(k.get("dur", 0.0)), str(k.get("name", ""))))
         return acts, "cuda"
     ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op" and e.get("tid") in range_tids),
                  key=lambda e: (e["tid"], e["ts"], -e.get("dur", 0.0)))
@@ -75,7 +76,7 @@ def _activities(events: list[dict], range_tids: set) -> tuple[list[_Act], str]:
         if e["tid"] != tid:
             tid, end = e["tid"], float("-inf")
         if e["ts"] >= end:
-            acts.append(_Act(float(e["ts"]), e["tid"], float(e["ts"]), float(e.get("dur", 0.0))))
+            acts.append(_Act(float(e["ts"]), e["tid"], float(e["ts"]), float(e.get("dur", 0.0)), str(e.get("name", ""))))
             end = e["ts"] + e.get("dur", 0.0)
     return acts, "cpu"
 
@@ -121,19 +122,20 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total + (cur_e - cur_s if cur_e is not None else 0.0)
 
 
-def attribute(events: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """-> (components, stages, device kind).
+def attribute(events: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str]:
+    """-> (components, stages, kernels, device kind).
 
     components: run, stage, step, component, layer, n_kernels, time_us (sum of activity durations)
     stages: run, stage, step, wall_us, busy_us, kernel_us, n_kernels  (one row per stage instance)
+    kernels: stage, component, name, n_kernels, time_us (summed over runs and steps; LLM stages only)
     Activities outside every stage range get stage "none" (reported, never dropped).
     """
     ranges = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
               and str(e.get("name", "")).startswith("e1.")]
     acts, kind = _activities(events, {r["tid"] for r in ranges})
     _assign(acts, ranges)
-    df = pd.DataFrame([(a.run, a.stage, a.step, a.component, a.layer, a.start, a.dur) for a in acts],
-                      columns=["run", "stage", "step", "component", "layer", "start", "dur"])
+    df = pd.DataFrame([(a.run, a.stage, a.step, a.component, a.layer, a.start, a.dur, a.name) for a in acts],
+                      columns=["run", "stage", "step", "component", "layer", "start", "dur", "name"])
     comp = (df.groupby(["run", "stage", "step", "component", "layer"], as_index=False)
             .agg(n_kernels=("dur", "size"), time_us=("dur", "sum")))
     rows = []
@@ -149,4 +151,6 @@ def attribute(events: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
                          s["dur"].sum(), len(s)))
             prev_end = last_end
     stages = pd.DataFrame(rows, columns=["run", "stage", "step", "wall_us", "busy_us", "kernel_us", "n_kernels"])
-    return comp, stages, kind
+    kernels = (df[df.stage.isin(["prefill", "decode"])].groupby(["stage", "component", "name"], as_index=False)
+               .agg(n_kernels=("dur", "size"), time_us=("dur", "sum")))
+    return comp, stages, kernels, kind

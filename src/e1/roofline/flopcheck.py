@@ -91,7 +91,7 @@ def check_stages(model: MolmoE, arch: Arch, inp: StageInputs, layout: Any) -> di
 def flop_check(spec: FlopCheckJob, out_json: str | Path) -> dict[str, Any]:
     """Build the model of `spec` with its knobs (as a measure job does), check every stage, write the JSON.
 
-    The decode step runs eagerly whatever the spec's decode_backend: a CUDA-graph replay hides its ops.
+    The decode step runs eagerly whatever the spec's backend: a CUDA-graph replay hides its ops.
     """
     arch, knobs = variant_arch(spec)
     device = resolve_device(spec.device)

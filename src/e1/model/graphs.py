@@ -1,0 +1,236 @@
+"""CUDA graphs for a whole request: every stage captured once for a configuration's shapes, then replayed.
+
+Static buffers hold the request's inputs and every stage's output, so a replay freezes no host-side state
+(no Python position counter, no data-dependent loop):
+
+  vision encoder: crops (n, 3, 336, 336)                    -> features (n, 576, 2048)
+  projector:      features, patch masks (n, 576)            -> image embeddings (n*144, d)
+  prefill:        ids (1, T), embeddings, splice indices    -> logits (1, vocab), token (1, 1); keys/values of
+                                                               the T positions in static slots [0, T); pos = T
+  decode step:    token (1, 1), static cache, pos           -> logits, token (in place); slot pos written; pos += 1
+
+Prefill runs transformers' model on a dynamic cache (allocated once, inside its capture) whose keys/values
+the same graph copies into the static cache. A decode step runs transformers' own decoder layers on the
+static cache with the position held on the device; its attention reads all max_len slots (slots after pos
+are masked and add exactly 0). The graphs share one memory pool and replay in the order they were captured.
+Without capture() every stage runs eagerly on the same buffers (the CPU tests use that path).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from e1.knobs import problem
+from e1.model.molmoe import _CACHE_KW, MolmoE
+from e1.model.stage_inputs import StageInputs
+
+STAGES = ("vision_encoder", "projector", "prefill", "decode")
+# Graph against eager logits: the largest |difference| allowed, relative to the largest |eager logit|.
+# bfloat16 keeps 8 significant bits (one unit in the last place is 2^-7 of the value); graph and eager
+# kernels may accumulate in another order, so a few units are allowed. Float32 keeps 24 bits.
+LOGIT_RTOL = {"bfloat16": 2**-5, "float16": 2**-8, "float32": 1e-4}
+
+
+def check_graph_support(knobs: dict, device_type: str, dtype: torch.dtype) -> None:
+    """Raise naming the setting that makes captured stages impossible (rules: e1.knobs.problem)."""
+    why = problem({**knobs, "backend": "cuda_graph"}, device_type, str(dtype).removeprefix("torch."))
+    if why:
+        raise ValueError(why)
+
+
+class StaticKV:
+    """Keys/values of every layer in buffers (layers, 1, heads, max_len, head_dim); `pos` lives on the device.
+
+    It offers the one cache method transformers' attention calls: update(key, value, layer_idx, ...).
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, head_dim: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.k = torch.zeros((n_layers, 1, n_heads, max_len, head_dim), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) next slot to write
+        self.max_len = max_len
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write one position's key/value (1, heads, 1, head_dim) at slot pos; return the layer's buffers."""
+        self.k[layer_idx].index_copy_(2, self.pos, key)
+        self.v[layer_idx].index_copy_(2, self.pos, value)
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def load(self, cache: DynamicCache) -> None:
+        """Copy a prefill's keys/values into slots [0, T) and set pos = T (device ops, no host sync)."""
+        t = cache.layers[0].keys.shape[-2]
+        if t >= self.max_len:
+            raise ValueError(f"prefill of {t} tokens does not fit a static cache of {self.max_len} slots")
+        for i, layer in enumerate(cache.layers):
+            self.k[i, :, :, :t].copy_(layer.keys)
+            self.v[i, :, :, :t].copy_(layer.values)
+        self.pos.fill_(t)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class GraphedRequest:
+    """One configuration's request on static buffers: each stage a graph replay once captured."""
+
+    def __init__(self, model: MolmoE, inp: StageInputs, new_tokens: int):
+        cfg = model.llm_config
+        p = next(model.parameters())
+        self.model = model
+        self.inp = StageInputs(*(t.clone() for t in (inp.crops, inp.patch_masks, inp.input_ids, inp.feature_index,
+                                                     inp.token_position)))
+        max_len = inp.input_ids.shape[1] + max(new_tokens, 4)  # capture warm-up: 3 decode steps
+        self.kv = StaticKV(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads,
+                           max_len, p.device, p.dtype)
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=p.device)  # (1, 1) the last token
+        self.logits = torch.zeros((1, model.lm_head.out_features), dtype=p.dtype, device=p.device)  # (1, vocab)
+        self.slots = torch.arange(max_len, device=p.device)  # (max_len,)
+        self.masked = torch.finfo(p.dtype).min
+        self.features: torch.Tensor | None = None  # vision encoder output
+        self.embeds: torch.Tensor | None = None  # projector output
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.experts: dict[str, str] = {}  # the experts implementation each stage was captured with
+
+    def load(self, inp: StageInputs) -> None:
+        """Copy a request's inputs into the static buffers (same shapes: one configuration)."""
+        for dst, src in zip((self.inp.crops, self.inp.patch_masks, self.inp.input_ids, self.inp.feature_index,
+                             self.inp.token_position),
+                            (inp.crops, inp.patch_masks, inp.input_ids, inp.feature_index, inp.token_position)):
+            if dst.shape != src.shape:
+                raise ValueError(f"inputs of shape {tuple(src.shape)} do not fit the graphs' {tuple(dst.shape)}")
+            dst.copy_(src)
+
+    # --- the stages' bodies (captured by capture(); eager before it) ----------------------------------
+    def _vision(self) -> None:
+        self.features = self.model.encode_images(self.inp.crops)
+
+    def _project(self) -> None:
+        self.embeds = self.model.project(self.features, self.inp.patch_masks)
+
+    def _prefill(self) -> None:
+        i = self.inp
+        logits, cache = self.model.prefill(i.input_ids, self.embeds, i.feature_index, i.token_position)
+        self.logits.copy_(logits)
+        self.token.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.kv.load(cache)
+
+    def _step(self) -> None:
+        llm = self.model.llm
+        x = llm.embed_tokens(self.token)  # (1, 1, d)
+        pos = self.kv.pos.view(1, 1)  # (1, 1)
+        rope = llm.rotary_emb(x, pos)
+        mask = torch.where(self.slots <= self.kv.pos, 0.0, self.masked).to(x.dtype).view(1, 1, 1, -1)
+        for layer in llm.layers:
+            x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
+                      **{_CACHE_KW: self.kv})
+        self.logits.copy_(self.model.lm_head(llm.norm(x)[:, -1]))  # (1, vocab)
+        self.token.copy_(self.logits.argmax(dim=-1, keepdim=True))
+        self.kv.pos.add_(1)
+
+    def _run(self, stage: str) -> None:
+        graph = self.graphs.get(stage)
+        if graph is not None:
+            graph.replay()
+        elif stage == "decode":
+            with self.model.decode_experts():
+                self._step()
+        else:
+            {"vision_encoder": self._vision, "projector": self._project, "prefill": self._prefill}[stage]()
+
+    # --- what the timing loop calls -----------------------------------------------------------------
+    def vision(self) -> torch.Tensor:
+        self._run("vision_encoder")
+        return self.features
+
+    def project(self) -> torch.Tensor:
+        self._run("projector")
+        return self.embeds
+
+    def prefill(self) -> torch.Tensor:
+        """Logits of the prompt's last position -> the first new token (1, 1); the static cache is filled."""
+        self._run("prefill")
+        return self.token.clone()
+
+    def step(self) -> torch.Tensor:
+        """One decode step; returns the new token (1, 1)."""
+        self._run("decode")
+        return self.token.clone()
+
+    @torch.inference_mode()
+    def capture(self, warmup: int = 3) -> float:
+        """Capture the four stages, in request order, into graphs sharing one memory pool; returns the seconds
+        taken (warm-up runs of every stage on a side stream, then the captures)."""
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # kernels, workspaces and allocator pools settle before capture
+            for _ in range(warmup):
+                for stage in STAGES:
+                    self._run(stage)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        for stage in STAGES:
+            graph = torch.cuda.CUDAGraph()
+            if stage == "decode":
+                with self.model.decode_experts(), torch.cuda.graph(graph, pool=pool):
+                    self._step()
+                    self.experts[stage] = self.model.experts_in_use()
+            else:
+                with torch.cuda.graph(graph, pool=pool):
+                    self._run(stage)
+                self.experts[stage] = self.model.experts_in_use()
+            self.graphs[stage] = graph
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInputs, tokens: int,
+                       graphs: GraphedRequest) -> dict[str, Any]:
+    """The guard for cuda_graph, over the first `tokens` new tokens, in one eager pass that also drives the graphs.
+
+    Free-running: the graphs' tokens (a timed run) against eager decoding's. Teacher-forced: the prefill graph
+    and, at every step, the decode graph given eager's token: does the argmax agree, how far apart are the
+    logits (largest |difference| / largest |eager logit|, against LOGIT_RTOL of the dtype), and where the argmax
+    differs, how close eager's top two logits were (a near-tie flipped by rounding, or a real fault).
+    """
+    dtype = str(graphs.logits.dtype).removeprefix("torch.")
+    graphs.load(inp)
+    graphs.vision()
+    graphs.project()
+    graphs.prefill()
+    logits, cache = model.prefill(inp.input_ids, model.project(model.encode_images(inp.crops), inp.patch_masks),
+                                  inp.feature_index, inp.token_position)
+
+    def rel(eager: torch.Tensor) -> float:
+        e = eager.float()
+        return float((e - graphs.logits.float()).abs().max() / e.abs().max().clamp_min(1e-30))
+
+    prefill_rel = rel(logits)
+    token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+    eager, agree, worst, flips = [token], 0, 0.0, []
+    for step in range(1, tokens):
+        graphs.token.copy_(token)
+        graphs.step()
+        with model.decode_experts():
+            logits, cache = model.decode_step(token, cache)
+        token = logits.argmax(dim=-1, keepdim=True)
+        eager.append(token)
+        worst = max(worst, rel(logits))
+        if torch.equal(graphs.token, token):
+            agree += 1
+        else:
+            top2 = logits.float().topk(2).values[0]
+            flips.append({"step": step, "eager_top2_margin": float(top2[0] - top2[1])})
+    diff = (torch.cat(eager, 1)[0].cpu() != graph_tokens[:tokens]).nonzero()
+    tol = LOGIT_RTOL.get(dtype)
+    return {"compared_tokens": tokens, "equal": not len(diff), "first_mismatch": int(diff[0]) if len(diff) else None,
+            "prefill_logits_rel_diff": prefill_rel,
+            "teacher_forced": {"steps": tokens - 1, "argmax_agree": agree, "max_logits_rel_diff": worst,
+                               "disagreements": flips},
+            "logits_rtol": tol, "logits_within_tolerance": tol is not None and max(prefill_rel, worst) <= tol}
