@@ -38,13 +38,13 @@ graphs)
   pack
   ;;
 eager)
-  sm eager_grid "${GRID_TIMEOUT:-330}" results/e1_stage_latency_breakdown.json --config "decode_tokens=[16,64]"
+  sm eager_grid "${GRID_TIMEOUT:-300}" results/e1_stage_latency_breakdown.json --config "decode_tokens=[${EAGER_N:-16,64}]"
   pack
   targets=()
   for i in 336x336 560x560 1008x784; do for b in eager cuda_graph; do
     targets+=("results/$run/breakdown/${i}__short__n64__sdpa.auto.$b.k8.c12.json"); done
     targets+=("results/$run/flopcheck/${i}__short__sdpa.auto.eager.k8.c12.json"); done
-  sm profiles 200 "${targets[@]}" "results/$run/calibrate.json" --config "backend=[eager,cuda_graph]"
+  sm profiles 230 "${targets[@]}" "results/$run/calibrate.json" --config "backend=[eager,cuda_graph]"
   pack
   ;;
 *) echo "mode: graphs | eager"; exit 2;;

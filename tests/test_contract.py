@@ -282,3 +282,27 @@ def test_stack_plot_text_fits_the_figure(tmp_path):
         box = t.get_window_extent(renderer)
         assert box.x0 >= 0 and box.x1 <= width, (t.get_text()[:80], box.x0, box.x1, width)
     assert "after 3 warm-up" in " ".join(fig.axes[0].title.get_text().split())
+
+
+PARENT_SPINS = """
+import json, subprocess, sys, threading
+stop = False
+def spin():
+    while not stop:
+        pass
+threading.Thread(target=spin, daemon=True).start()
+child = "from e1.jobs import hostload; import json; print(json.dumps(hostload.snapshot(0.3)))"
+out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout
+stop = True
+print(out)
+"""
+
+
+def test_the_workflow_running_a_job_is_not_a_busy_neighbour():
+    """The job's own ancestors (its shell, snakemake polling at 30-45 % of a core on the H200) are reported
+    apart, not as another process loading the host."""
+    p = subprocess.run([sys.executable, "-c", PARENT_SPINS], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    snap = json.loads(p.stdout)
+    parent = [w for w in snap["workflow_processes"] if w["cpu_share"] > 0.5]
+    assert parent and all(b["pid"] != parent[0]["pid"] for b in snap["busy_processes"]), snap

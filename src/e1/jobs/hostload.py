@@ -40,10 +40,24 @@ def _procs_running() -> int | None:
     return None
 
 
+def ancestors() -> set[int]:
+    """This process's parents up to init: the job's shell and the snakemake that started it."""
+    out, pid = set(), os.getppid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])
+    return out
+
+
 def snapshot(window_s: float = WINDOW_S, exclude: set[int] | None = None) -> dict[str, Any]:
-    """Load average, running-process count, and processes (other than this one and `exclude`) that used at
-    least BUSY_SHARE of a core during `window_s` seconds."""
-    skip = {os.getpid(), *(exclude or set())}
+    """Load average, running-process count, and processes (other than this one, its ancestors - the workflow
+    that runs it, reported apart - and `exclude`) that used at least BUSY_SHARE of a core during `window_s`."""
+    parents = ancestors() if Path("/proc/stat").exists() else set()
+    skip = {os.getpid(), *parents, *(exclude or set())}
     snap: dict[str, Any] = {"loadavg": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
                             "window_s": window_s}
     if not Path("/proc/stat").exists():
@@ -53,15 +67,18 @@ def snapshot(window_s: float = WINDOW_S, exclude: set[int] | None = None) -> dic
     t0, before = time.monotonic(), _cpu_ticks()
     time.sleep(window_s)
     t1, after = time.monotonic(), _cpu_ticks()
-    busy = []
+    busy, own = [], []
     for pid, (name, ticks) in after.items():
-        if pid in skip or pid not in before:
+        if pid not in before or pid == os.getpid():
             continue
         share = (ticks - before[pid][1]) / hz / (t1 - t0)
-        if share >= BUSY_SHARE:
+        if pid in parents:
+            own.append({"pid": pid, "name": name, "cpu_share": round(share, 2)})
+        elif pid not in skip and share >= BUSY_SHARE:
             busy.append({"pid": pid, "name": name, "cpu_share": round(share, 2)})
     snap["procs_running"] = _procs_running()
     snap["busy_processes"] = sorted(busy, key=lambda p: -p["cpu_share"])
+    snap["workflow_processes"] = own  # the job's own shell and snakemake (seen on the H200: snakemake ~30-45 %)
     return snap
 
 

@@ -111,6 +111,17 @@ def read_json(path: str | Path, rule: str | None) -> Any:
         raise ArtifactError(f"{p}: {e}; {rebuild_hint(p, rule)}") from None
 
 
+def read_parquet(path: str | Path, rule: str, columns: list[str] | None = None):
+    """A Parquet artifact made by `rule` as a pandas DataFrame; an unreadable file is an ArtifactError."""
+    import pandas as pd  # not at import time: planning imports this module
+
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except Exception as e:  # pyarrow raises several types for missing, truncated or foreign files
+        raise ArtifactError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}); "
+                            f"{rebuild_hint(path, rule)}") from None
+
+
 class Record:
     """A parsed JSON object with checked access: a bad key or value raises an ArtifactError naming the
     file, the dotted key and the value."""

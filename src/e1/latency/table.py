@@ -71,12 +71,19 @@ def flags(summary: dict[str, Any]) -> list[str]:
 
 
 OVERHEAD_RULE = ("host overhead of a stage = its eager median - the median of the same configuration with backend "
-                 "cuda_graph (same attention, experts, top-k and crops); share = overhead / eager median")
+                 "cuda_graph (same attention, experts, top-k and crops) measured on the same machine (GPU UUID, or "
+                 "host name on a CPU); share = overhead / eager median")
+
+
+def machine(summary: dict[str, Any]) -> str:
+    """Which machine measured a summary: its GPU's UUID, else the host name (hosts differ in speed)."""
+    env = summary["meta"]["env"]
+    return (env.get("gpu_claim") or {}).get("uuid") or env.get("host", "unknown")
 
 
 def _twin_key(row: dict[str, Any]) -> tuple:
     k = row["knobs"]
-    return (row["image"], row["prompt"], row["decode_tokens"],
+    return (row["machine"], row["image"], row["prompt"], row["decode_tokens"],
             *(k[x] for x in sorted(k) if x != "backend"))
 
 
@@ -139,6 +146,7 @@ def stage_latency(summaries: list[str | Path], out: str | Path) -> dict[str, Any
     for c in configs:
         row = {k: v for k, v in c.items() if k != "meta"}
         row["flags"] = flags(c)
+        row["machine"] = machine(c)
         row["host_load"] = c["meta"].get("host_load")
         rows.append(row)
     meta["flagged"] = {r["id"]: r["flags"] for r in rows if r["flags"]}

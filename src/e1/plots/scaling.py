@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from e1.jobs.io import ArtifactError, rebuild_hint  # noqa: E402
+from e1.jobs.io import ArtifactError, read_parquet, rebuild_hint  # noqa: E402
 from e1.latency.table import read_latency  # noqa: E402
 from e1.plots.common import save, title_for  # noqa: E402
 
@@ -28,11 +28,7 @@ def _label(name: str, s: float | None, unit: str) -> str:
 
 def read_rows(path: str | Path) -> pd.DataFrame:
     """A measure job's per-run rows (Parquet), checked: the columns, and every ms finite and >= 0."""
-    try:
-        df = pd.read_parquet(path, columns=["config_id", "stage", "step", "ms"])
-    except Exception as e:  # pyarrow raises several types for missing, truncated or foreign files
-        raise ArtifactError(f"{path}: cannot be read as the measure rows ({type(e).__name__}: {e}); "
-                            f"{rebuild_hint(path, 'measure')}") from None
+    df = read_parquet(path, "measure", columns=["config_id", "stage", "step", "ms"])
     timed = df[df.stage != "unattributed"].ms
     if df.empty or not np.isfinite(df.ms).all() or (timed < 0).any():
         raise ArtifactError(f"{path}: ms must be finite and >= 0 in at least one row; {rebuild_hint(path, 'measure')}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from e1.jobs.io import ArtifactError, Record, atomic_path, rebuild_hint, write_json
+from e1.jobs.io import ArtifactError, Record, atomic_path, read_parquet, rebuild_hint, write_json
 from e1.latency.table import read_summary
 from e1.names import GROUPS, STAGES
 from e1.profile.trace import attribute, load_events
@@ -96,11 +96,7 @@ def read_profile(path: str | Path) -> dict[str, Any]:
 
 def read_routing(path: str | Path) -> pd.DataFrame:
     """Tokens per expert per layer (Parquet from rule profile), checked."""
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises several types for missing, truncated or foreign files
-        raise ArtifactError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}); "
-                            f"{rebuild_hint(path, PROFILE_RULE)}") from None
+    df = read_parquet(path, PROFILE_RULE)
     if list(df.columns) != ["layer", "expert", "tokens"] or df.empty or (df.tokens < 0).any():
         raise ArtifactError(f"{path}: expected columns layer, expert, tokens (tokens >= 0) and at least one row, "
                             f"got {list(df.columns)} with {len(df)} rows; {rebuild_hint(path, PROFILE_RULE)}")
@@ -152,11 +148,7 @@ def read_config_breakdown(path: str | Path) -> dict[str, Any]:
 
 def read_kernels(path: str | Path) -> pd.DataFrame:
     """A parse_trace kernel table (stage, component, name, n_kernels, time_us), checked."""
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises several types for missing, truncated or foreign files
-        raise ArtifactError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}); "
-                            f"{rebuild_hint(path, PARSE_RULE)}") from None
+    df = read_parquet(path, PARSE_RULE)
     want = ["stage", "component", "name", "n_kernels", "time_us"]
     if list(df.columns) != want or (df.time_us < 0).any():
         raise ArtifactError(f"{path}: expected columns {want} (time_us >= 0), got {list(df.columns)}; "
