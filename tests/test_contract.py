@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from e1.configfile import coerce_strings, load_config_file
-from e1.jobs import claims, hostload
-from e1.jobs.io import ArtifactError, Record, atomic_path, read_json, write_json
+from e1.jobs import hostload
+from e1.jobs.io import ArtifactError, Record, atomic_path, write_json
 from e1.jobs.spec import MeasureJob, load
 from e1.latency.table import CV_LIMIT, flags, read_latency, read_summary, stage_latency
 from fakes import measure_summary, write

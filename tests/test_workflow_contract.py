@@ -92,9 +92,9 @@ def test_a_huge_prompt_text_travels_in_files_and_a_text_edit_reruns_nothing(tmp_
 
 @pytest.mark.parametrize("changes, message", [
     ({"images": ["1008x784"], "max_crops": 64, "prompts": {"p": {"tokens": 2048}}, "decode_tokens": [2048]},
-     f"1 configuration(s) exceed the 4096-token context of molmoe-1b-tiny:\n  1008x784__p__n2048__sdpa.auto."
-     f"eager.k2.c64: 5296 tokens (1 BOS + 1196 image + 2052 text + 2047 decoded)\nreduce images (or max_crops), "
-     f"prompts.<name>.tokens or decode_tokens"),
+     "1 configuration(s) exceed the 4096-token context of molmoe-1b-tiny:\n  1008x784__p__n2048__sdpa.auto."
+     "eager.k2.c64: 5296 tokens (1 BOS + 1196 image + 2052 text + 2047 decoded)\nreduce images (or max_crops), "
+     "prompts.<name>.tokens or decode_tokens"),
     ({"tokenizer": "/nonexistent/tokenizer"}, "tokenizer '/nonexistent/tokenizer': no such directory"),
     ({"select_prompts": ["medium"]}, "select_prompts names ['medium'], which are not in prompts (short, long)"),
 ])

@@ -12,7 +12,8 @@ from e1 import knobs as knob_table
 from e1.inputs.prompts import read_prompt
 from e1.jobs.spec import ModelJob
 from e1.model.arch import Arch, load_arch
-from e1.model.build import build_model
+from e1.model.build import build_model, resolve_dtype
+from e1.model.graphs import check_graph_support
 from e1.model.molmoe import MolmoE
 from e1.model.preprocess import load_image
 
@@ -33,6 +34,16 @@ def variant_arch(spec: ModelJob) -> tuple[Arch, dict[str, Any]]:
     base = load_arch(spec.model)
     knobs = knob_table.resolve(spec.knobs, base)
     return base.with_knobs(moe_top_k=knobs["moe_top_k"], max_crops=knobs["max_crops"]), knobs
+
+
+def resolve_job(spec: ModelJob) -> tuple[Arch, dict[str, Any], torch.device, torch.dtype]:
+    """A model job's architecture, knobs, device and dtype; a cuda_graph variant that cannot be captured there
+    is refused before anything is built."""
+    arch, knobs = variant_arch(spec)
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    if knobs["backend"] == "cuda_graph":
+        check_graph_support(knobs, device.type, dtype)
+    return arch, knobs, device, dtype
 
 
 def build_for(spec: ModelJob, arch: Arch, knobs: dict[str, Any], device: torch.device) -> MolmoE:

@@ -21,9 +21,8 @@ import torch
 from e1.jobs import env as jobenv
 from e1.jobs.io import write_json
 from e1.jobs.log import log
-from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_device, variant_arch
+from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_job
 from e1.jobs.spec import FidelityJob
-from e1.model.build import resolve_dtype
 from e1.model.molmoe import MolmoE
 from e1.model.stage_inputs import StageInputs, prepare
 
@@ -75,12 +74,10 @@ def generate_experts(model: MolmoE) -> dict[str, str]:
 
 
 def fidelity(spec: FidelityJob, out_json: str | Path) -> dict[str, Any]:
-    arch, knobs = variant_arch(spec)
-    if knobs["backend"] != "eager":
-        raise ValueError(f"backend {knobs['backend']!r}: generate() runs eagerly, so the check compares eager "
+    if spec.knobs.get("backend", "eager") != "eager":
+        raise ValueError(f"backend {spec.knobs['backend']!r}: generate() runs eagerly, so the check compares eager "
                          "variants only; allowed: eager")
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype)
+    arch, knobs, device, dtype = resolve_job(spec)
     env = jobenv.capture(device)
     model = build_for(spec, arch, knobs, device)
     image, prompt = job_inputs(spec)

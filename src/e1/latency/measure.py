@@ -19,13 +19,12 @@ from e1.jobs import env as jobenv
 from e1.jobs import hostbench, hostload
 from e1.jobs.io import atomic_path, write_json
 from e1.jobs.log import log
-from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_device, variant_arch
+from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_job
 from e1.jobs.spec import MeasureJob
 from e1.latency.stats import summarize
 from e1.latency.memory import stage_memory
 from e1.latency.timing import CONVENTION, RunTiming, timed_generate
-from e1.model.build import resolve_dtype
-from e1.model.graphs import GraphedRequest, check_graph_support, compare_with_eager
+from e1.model.graphs import GraphedRequest, compare_with_eager
 from e1.model.preprocess import check_context
 from e1.model.stage_inputs import prepare
 from e1.names import STAGES
@@ -68,12 +67,8 @@ def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> 
     marks = {"python_start": e1.IMPORTED_AT, "measure_start": time.time()}
     if os.environ.get("E1_JOB_STARTED"):
         marks["shell_start"] = float(os.environ["E1_JOB_STARTED"])
-    arch, knobs = variant_arch(spec)
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype)
+    arch, knobs, device, dtype = resolve_job(spec)
     graphed = knobs["backend"] == "cuda_graph"
-    if graphed:
-        check_graph_support(knobs, device.type, dtype)
     if device.type == "cuda":
         torch.zeros(1, device=device)  # CUDA context
         marks["cuda_ready"] = time.time()

@@ -19,11 +19,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from e1.jobs import env as jobenv
 from e1.jobs.io import atomic_path, write_json
 from e1.jobs.log import log
-from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_device, variant_arch
+from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_job
 from e1.jobs.spec import ProfileJob
 from e1.latency.timing import timed_generate
-from e1.model.build import resolve_dtype
-from e1.model.graphs import GraphedRequest, check_graph_support
+from e1.model.graphs import GraphedRequest
 from e1.model.molmoe import MolmoE
 from e1.model.stage_inputs import StageInputs, prepare
 from e1.names import RUN_RANGE
@@ -53,12 +52,8 @@ def expert_routing(model: MolmoE, inp: StageInputs) -> pa.Table:
 
 def profile_config(spec: ProfileJob, out_trace: str | Path, out_json: str | Path,
                    out_routing: str | Path) -> dict[str, Any]:
-    arch, knobs = variant_arch(spec)
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype)
+    arch, knobs, device, dtype = resolve_job(spec)
     graphed = knobs["backend"] == "cuda_graph"
-    if graphed:
-        check_graph_support(knobs, device.type, dtype)
     env = jobenv.capture(device)
     model = build_for(spec, arch, knobs, device)
     image, prompt = job_inputs(spec)

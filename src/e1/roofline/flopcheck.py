@@ -19,10 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from e1.jobs.io import write_json
-from e1.jobs.runtime import build_for, job_inputs, resolve_device, variant_arch
+from e1.jobs.runtime import build_for, job_inputs, resolve_job
 from e1.jobs.spec import FlopCheckJob
 from e1.model.arch import Arch
-from e1.model.build import resolve_dtype
 from e1.model.molmoe import MolmoE
 from e1.model.stage_inputs import StageInputs, prepare
 from e1.roofline import flops
@@ -93,9 +92,7 @@ def flop_check(spec: FlopCheckJob, out_json: str | Path) -> dict[str, Any]:
 
     The decode step runs eagerly whatever the spec's backend: a CUDA-graph replay hides its ops.
     """
-    arch, knobs = variant_arch(spec)
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype)
+    arch, knobs, device, dtype = resolve_job(spec)
     model = build_for(spec, arch, knobs, device)
     image, prompt = job_inputs(spec)
     inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
