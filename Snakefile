@@ -39,7 +39,8 @@ include: "workflow/rules/plots.smk"
 include: "workflow/rules/flops.smk"
 
 STUDY = [  # every study-level artifact: rule all rebuilds any that is lost
-    *rules.stage_latency.output, *rules.plot_stack.output,
+    *rules.stage_latency.output, *rules.plot_stack.output, *rules.plot_routing.output,
+    *rules.stage_energy.output, *rules.plot_energy.output,
     *rules.breakdown.output, *rules.plot_breakdown.output,
     *rules.flops_vs_latency.output, *rules.plot_flops.output, *rules.plot_scaling.output, *rules.findings.output,
 ]

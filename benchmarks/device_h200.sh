@@ -8,14 +8,7 @@
 # of each job's stage medians and start-up cost is printed last.
 set -uo pipefail
 mode=$1
-OUT=${OUT:-/tmp/e1-out}
-mkdir -p "$OUT"
-[ -d /tmp/site/snakemake ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
-work=/tmp/e1-h200
-mkdir -p "$work"
-run=molmoe-1b_cuda_bfloat16
+. benchmarks/device_env.sh
 sm() {  # sm LOG TIMEOUT ARGS...: snakemake in the working directory with config.yaml
   local log=$1 t=$2; shift 2
   local t0=$(date +%s.%N)
@@ -33,7 +26,7 @@ graphs)
   [ "$rc" = 0 ] || { echo "GPU tests failed (rc=$rc): stopping before the grid"; exit 1; }
   sm graph_grid "${GRID_TIMEOUT:-390}" results/e1_stage_latency_breakdown.json --config backend=cuda_graph
   pack
-  fid=(); for i in 336x336 560x560 1008x784; do fid+=("results/$run/fidelity/${i}__short__n64__sdpa.auto.eager.k8.c12.json"); done
+  fid=(); for i in 336x336 560x560 1008x784; do fid+=("results/$run/fidelity/${i}__short__n64__sdpa.auto.eager.k8.c12.learned.json"); done
   sm fidelity 150 "${fid[@]}"
   pack
   ;;
@@ -42,8 +35,8 @@ eager)
   pack
   targets=()
   for i in 336x336 560x560 1008x784; do for b in eager cuda_graph; do
-    targets+=("results/$run/breakdown/${i}__short__n64__sdpa.auto.$b.k8.c12.json"); done
-    targets+=("results/$run/flopcheck/${i}__short__sdpa.auto.eager.k8.c12.json"); done
+    targets+=("results/$run/breakdown/${i}__short__n64__sdpa.auto.$b.k8.c12.learned.json"); done
+    targets+=("results/$run/flopcheck/${i}__short__sdpa.auto.eager.k8.c12.learned.json"); done
   sm profiles 230 "${targets[@]}" "results/$run/calibrate.json" --config "backend=[eager,cuda_graph]"
   pack
   ;;

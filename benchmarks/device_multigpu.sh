@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/e1-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
-IDS=${MULTIGPU_IDS:-"336x336__short__n64__sdpa.grouped_mm.eager.k8.c12 336x336__medium__n64__sdpa.grouped_mm.eager.k8.c12"}  # similar lengths: their runs overlap fully
+IDS=${MULTIGPU_IDS:-"336x336__short__n64__sdpa.grouped_mm.eager.k8.c12.learned 336x336__medium__n64__sdpa.grouped_mm.eager.k8.c12.learned"}  # similar lengths: their runs overlap fully
 WORK=${MULTIGPU_WORK:-/tmp/e1-multigpu}
 rm -rf "$WORK" && mkdir -p "$WORK/concurrent" "$WORK/alone"
 nvidia-smi --query-gpu=index,uuid,pci.bus_id,name --format=csv | tee "$OUT/gpus.csv"

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from e1.latency.stats import summarize
 from e1.latency.timing import CONVENTION
+from e1.model.routing import load_stats
 from e1.names import STAGES
 
 KNOBS = {"attn_implementation": "sdpa", "experts_implementation": "auto", "backend": "eager",
-         "moe_top_k": 2, "max_crops": 12}
-VARIANT = "sdpa.auto.eager.k2.c12"
+         "moe_top_k": 2, "max_crops": 12, "moe_routing": "learned"}
+VARIANT = "sdpa.auto.eager.k2.c12.learned"
 
 
 def measure_summary(cid: str = "a", stage_ms: dict[str, float] | None = None, decode_ms: float | None = 1.0,
@@ -21,7 +22,8 @@ def measure_summary(cid: str = "a", stage_ms: dict[str, float] | None = None, de
     stages = {s: summarize([v, v]) for s, v in ms.items()}
     stages.update(preprocess=summarize([0.5, 0.5]), e2e=summarize([sum(ms.values())] * 2),
                   unattributed=summarize([0.0, 0.0]))
-    m = {"model": "molmoe-1b-tiny", "weights": "random", "seed": 0, "device": "CPU (x86_64, 2 threads)",
+    m = {"model": "molmoe-1b-tiny", "weights": "random", "token_ids": "synthetic ids", "seed": 0,
+         "device": "CPU (x86_64, 2 threads)",
          "device_type": "cpu", "dtype": "float32", "torch": "2.x", "transformers": "5.x", "convention": CONVENTION,
          "protocol": {"warmup": 3, "timed": 10, "batch_size": 1}, "build_s": 0.1, "env": {"host": "test"}}
     m.update(meta)
@@ -32,6 +34,8 @@ def measure_summary(cid: str = "a", stage_ms: dict[str, float] | None = None, de
                        "inserted_features": 288, "image_tokens": 316, "prefill_tokens": 337},
             "stages": stages, "decode_step": None if decode_ms is None else summarize([decode_ms, decode_ms]),
             "tokens_identical_across_runs": True, "graph_capture_s": None, "graph_vs_eager": None,
+            "routing": {"mode": "learned", "prefill": load_stats([[337, 337, 0, 0, 0, 0, 0, 0]] * 2, 2),
+                        "decode": None if decode_ms is None else load_stats([[1, 1, 0, 0, 0, 0, 0, 0]] * 2, 2)},
             "meta": m}
 
 

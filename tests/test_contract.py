@@ -142,7 +142,8 @@ def test_write_json_refuses_nan_naming_the_key(tmp_path):
 def test_spec_files_are_checked(tmp_path):
     spec = {"id": "x", "model": "molmoe-1b-tiny", "device": "cpu", "dtype": "float32", "weights": "random", "seed": 0,
             "variant": "v", "knobs": {}, "image": "336x336", "image_path": "i.png", "prompt": "short",
-            "prompt_path": "p.json", "decode_tokens": 2, "warmup": 3, "timed": 10}
+            "prompt_path": "p.json", "decode_tokens": 2, "warmup": 3, "timed": 10,
+            "energy": {"repeats": 3, "min_periods": 10}}
     assert load(write(tmp_path / "ok.json", spec), MeasureJob).decode_tokens == 2
     with pytest.raises(ArtifactError, match=r"missing keys \['timed'\], unknown keys \['timd'\]"):
         load(write(tmp_path / "bad.json", {**{k: v for k, v in spec.items() if k != "timed"}, "timd": 1}), MeasureJob)
@@ -152,13 +153,63 @@ def test_spec_files_are_checked(tmp_path):
 
 # --- defect 6: clear errors -----------------------------------------------------------------------------
 
-def test_garbage_weights_name_the_file(tmp_path):
-    from e1.model.build import build_model
+def _tokenizer_dir(path, specials: dict[str, int]):
+    """A real tokenizer.json (tokenizers' WordLevel model over words and punctuation) with `specials`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    words = ["[UNK]", "User", ":", "Assistant", "What", "color", "is", "the", "car", "?"]
+    vocab = {w: i + 2 for i, w in enumerate(words)} | specials
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+MOLMO_SPECIALS = {"<|endoftext|>": 50279, "<im_start>": 50280, "<im_end>": 50281, "<im_patch>": 50282,
+                  "<im_col>": 50283, "<|image|>": 50284}
+
+
+def test_prompt_tokenized_for_real(tmp_path):
+    from e1.inputs.prompts import make_prompt
+    from e1.model.arch import load_arch
+
+    tok = _tokenizer_dir(tmp_path / "tok", MOLMO_SPECIALS)
+    rec = make_prompt(load_arch("molmoe-1b-tiny"), "short", 16, "What color is the car ?", str(tok))
+    assert rec["prompt_tokens"] == 6  # counted from the text, not the configured 16
+    assert rec["text_ids"] == [3, 4, 6, 7, 8, 9, 10, 11, 5, 4]  # User : What color is the car ? Assistant :
+    assert rec["source"] == f"tokenizer {tok / 'tokenizer.json'}"
+
+
+def test_tokenizer_with_other_special_ids_is_refused(tmp_path):
+    from e1.inputs.prompts import make_prompt
+    from e1.model.arch import load_arch
+
+    specials = {k: v for k, v in MOLMO_SPECIALS.items() if k != "<im_col>"} | {"<im_patch>": 100280}
+    tok = _tokenizer_dir(tmp_path / "tok", specials)
     with pytest.raises(ValueError) as e:
-        build_model("molmoe-1b-tiny", weights=str(tmp_path))
-    assert f"weights file '{tmp_path / 'model.safetensors'}' cannot be read as safetensors" in str(e.value)
+        make_prompt(load_arch("molmoe-1b-tiny"), "short", 16, "What", str(tok))
+    assert "<im_patch> is 100280 (model: 50282)" in str(e.value) and "<im_col> is None (model: 50283)" in str(e.value)
+
+
+def test_broken_tokenizer_json_is_named(tmp_path):
+    from e1.inputs.prompts import make_prompt
+    from e1.model.arch import load_arch
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{ broken")
+    with pytest.raises(ValueError, match="tokenizer '.*tokenizer.json' cannot be read"):
+        make_prompt(load_arch("molmoe-1b-tiny"), "short", 16, "What", str(tmp_path / "tok"))
+
+
+def test_tokenizer_auto_takes_the_weights_folder(tmp_path):
+    from e1.inputs.prompts import resolve_tokenizer
+
+    assert resolve_tokenizer("auto", "random") is None
+    assert resolve_tokenizer("auto", str(tmp_path)) is None  # a weights folder without tokenizer.json
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert resolve_tokenizer("auto", str(tmp_path)) == str(tmp_path)
+    assert resolve_tokenizer(None, str(tmp_path)) is None and resolve_tokenizer("/t", "random") == "/t"
 
 
 def test_missing_or_empty_tokenizer_directory_is_named(tmp_path):

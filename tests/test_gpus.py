@@ -182,7 +182,8 @@ def e1_measure(env: dict, device: str) -> subprocess.CompletedProcess:
     spec.write_text(json.dumps({
         "id": "x", "model": "molmoe-1b-tiny", "device": device, "dtype": "float32", "weights": "random", "seed": 0,
         "variant": VARIANT, "knobs": {}, "image": "336x336", "image_path": "/nonexistent/x.png", "prompt": "short",
-        "prompt_path": "/nonexistent/p.json", "decode_tokens": 2, "warmup": 3, "timed": 10}))
+        "prompt_path": "/nonexistent/p.json", "decode_tokens": 2, "warmup": 3, "timed": 10,
+        "energy": {"repeats": 3, "min_periods": 10}}))
     return subprocess.run([sys.executable, "-m", "e1", "measure", "--spec", str(spec), "--out-parquet",
                            "/nonexistent/x.parquet", "--out-json", "/nonexistent/x.json"],
                           env=env, capture_output=True, text=True, timeout=60)
@@ -237,7 +238,7 @@ def test_no_nvidia_smi_and_no_visible_devices_is_named():
 # time; `--set-threads measure=1` lets two run at once on 2 cores ("concurrent"), the default keeps them
 # apart ("alone"). E1_GPU_CLAIM_ON_CPU=1 makes the CPU jobs claim one of the fake ids 3 and 5.
 
-VARIANT = "sdpa.auto.eager.k2.c12"  # the tiny model's defaults
+VARIANT = "sdpa.auto.eager.k2.c12.learned"  # the tiny model's defaults
 DECODE = (24, 25)  # long enough that the timed runs of two jobs started together overlap on 2 cores
 MEASURED = [f"results/molmoe-1b-tiny_cpu_float32/measure/336x336__short__n{n}__{VARIANT}.json" for n in DECODE]
 

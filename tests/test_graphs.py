@@ -84,3 +84,28 @@ def test_cuda_graphs_agree_with_eager_on_gpu(inp, dtype, experts):
         assert eager.experts["prefill"] == "grouped_mm" and eager.experts["decode"] == "batched_mm", eager.experts
     check = compare_with_eager(graph.tokens.cpu(), m, gpu_inp, NEW, graphs)
     assert check["equal"] and check["logits_within_tolerance"], check
+
+
+@GPU
+def test_balanced_routing_replays_like_eager(inp):
+    """Balanced routing's device counter is set by the prefill and advanced by each decode step in graph
+    replays as in eager runs: both give the same tokens and leave the same counters (a frozen counter would
+    route every decode step to the same experts)."""
+    from e1.model.routing import _Balance, set_routing
+
+    dev = torch.device("cuda")
+    m = build_model("molmoe-1b-tiny", device="cuda", dtype="bfloat16")
+    set_routing(m, "balanced")
+    counters = [h for layer in m.llm.layers for h in layer.mlp.gate._forward_hooks.values() if isinstance(h, _Balance)]
+    assert len(counters) == len(m.llm.layers)
+    gpu_inp = type(inp)(**{k: v.to(dev) if v.dtype == torch.long else v.to(dev, torch.bfloat16)
+                           for k, v in vars(inp).items()})
+    for c in counters:
+        c.offset.fill_(5)  # whatever came before: a request starts from its prefill
+    eager = timed_generate(m, gpu_inp, NEW)
+    after_eager = [int(c.offset) for c in counters]
+    graphs = GraphedRequest(m, gpu_inp, NEW)
+    graphs.capture()
+    graph = timed_generate(m, gpu_inp, NEW, graphs=graphs)
+    assert [int(c.offset) for c in counters] == after_eager
+    assert torch.equal(eager.tokens.cpu(), graph.tokens.cpu())

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from e1.energy.table import energy_table
 from e1.roofline import flopcheck, flops, traffic
 from e1.model.arch import load_arch
 from e1.roofline.calibrate import calibrate
@@ -131,7 +132,7 @@ SESSION1_KNOBS = {"attn_implementation": "sdpa", "experts_implementation": "grou
 def with_knobs(data: dict) -> dict:
     for row in data["configs"]:
         row.setdefault("knobs", dict(SESSION1_KNOBS))
-        row.setdefault("variant", "sdpa.grouped_mm.eager.k8.c12")
+        row.setdefault("variant", "sdpa.grouped_mm.eager.k8.c12.learned")
     return data
 
 
@@ -252,8 +253,11 @@ def test_findings_on_the_h200_reference(reference, tmp_path):
     latency = _write(tmp_path, "latency.json", reference)
     comp = _write(tmp_path, "comp.json", with_knobs(json.loads((REFERENCE / "e1_attention_ffn_breakdown.json").read_text())))
     fvl = build(latency, _write(tmp_path, "cal.json", CAL), [], tmp_path / "fvl.json")
-    r = findings(latency, tmp_path / "fvl.json", comp, [], tmp_path / "f.md", tmp_path / "f.json")
+    energy = energy_table(latency, tmp_path / "energy.json")  # the reference predates energy: not recorded
+    r = findings(latency, tmp_path / "fvl.json", comp, [], tmp_path / "f.md", tmp_path / "f.json",
+                 tmp_path / "energy.json")
     md = (tmp_path / "f.md").read_text()
+    assert not energy["meta"]["measured"] and "5. **Which stage dominates energy" in md and "not measured" in md
     assert "NVIDIA H200" in md and "bfloat16" in md and "random weights" in md
     assert md.count("Criterion:") == 5
     assert r["questions"]["q1_dominant_stage"]["dominant_counts"]["decode"] == 18

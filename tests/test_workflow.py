@@ -39,12 +39,16 @@ LATENCY = "results/e1_stage_latency_breakdown.json"
 FLOPS_FIGURE = "figures/e1_flops_vs_latency.png"
 SCALING_FIGURE = "figures/e1_scaling_curves.png"
 FLOPS_JSON = "results/e1_flops_vs_latency.json"
+ROUTING_FIGURE = "figures/e1_expert_load.png"
+ENERGY_JSON = "results/e1_stage_energy.json"
+ENERGY_FIGURE = "figures/e1_stage_energy_plot.png"
 # what every change to the stage latency breakdown reruns downstream of it (besides the stack plot)
-AFTER_LATENCY = {"flops_vs_latency": 1, "plot_flops": 1, "plot_scaling": 1, "findings": 1}
+AFTER_LATENCY = {"plot_routing": 1, "stage_energy": 1, "plot_energy": 1, "flops_vs_latency": 1, "plot_flops": 1,
+                 "plot_scaling": 1, "findings": 1}
 
 SMALL_GRID = Path(__file__).resolve().parent / "small_grid.yaml"
 TEST_CONFIG = yaml.safe_load(SMALL_GRID.read_text())
-VARIANT = "sdpa.auto.eager.k2.c12"  # the defaults spelled out (tiny model: top-2 of 8 experts)
+VARIANT = "sdpa.auto.eager.k2.c12.learned"  # the defaults spelled out (tiny model: top-2 of 8 experts)
 CONFIG_IDS = [f"{i}__{p}__n{n}__{VARIANT}" for i in TEST_CONFIG["images"] for p in TEST_CONFIG["prompts"]
               for n in TEST_CONFIG["decode_tokens"]]
 STAGE_KEYS = ("vision_encoder", "projector", "prefill", "decode", "e2e", "unattributed")
@@ -156,7 +160,7 @@ def test_breakdown_configs(breakdown):
         n_new = c["decode_tokens"]
         assert c["id"] == f"{c['image']}__{c['prompt']}__n{n_new}__{c['variant']}"
         assert c["knobs"] == {"attn_implementation": "sdpa", "experts_implementation": "auto",
-                              "backend": "eager", "moe_top_k": 2, "max_crops": 12}
+                              "backend": "eager", "moe_top_k": 2, "max_crops": 12, "moe_routing": "learned"}
         assert c["decode_steps"] == n_new - 1
         for s in STAGE_KEYS:
             st = c["stages"][s]
@@ -184,7 +188,7 @@ def test_breakdown_meta(breakdown):
     assert len(meta["build_s"]) == 8
 
 
-@pytest.mark.parametrize("figure", [TARGET, BREAKDOWN_FIGURE, FLOPS_FIGURE, SCALING_FIGURE])
+@pytest.mark.parametrize("figure", [TARGET, BREAKDOWN_FIGURE, FLOPS_FIGURE, SCALING_FIGURE, ROUTING_FIGURE])
 def test_figure_written(wf, breakdown, figure):
     png = wf["dir"] / figure
     data = png.read_bytes()
@@ -226,7 +230,29 @@ def test_findings_written(wf, breakdown):
     assert len(result["expected_findings"]) == 5 and md.count("Criterion:") == 5
     for f in result["expected_findings"]:
         assert f["verdict"] in ("holds", "does not hold", "mixed", "not measured")
-    assert set(result["questions"]) == {"q1_dominant_stage", "q2_llm_components", "q3_regimes", "q4_flops"}
+    assert set(result["questions"]) == {"q1_dominant_stage", "q2_llm_components", "q3_regimes", "q4_flops",
+                                        "q5_energy"}
+    assert result["questions"]["q5_energy"] == {"measured": False, "text": "not measured (not measured: device "
+                                                "'cpu' has no energy counter (NVIDIA GPUs only))"}
+    assert "## Expert load" in md and "learned routing, prefill: busiest expert / mean" in md
+
+
+def test_routing_and_energy_on_the_cpu(wf, breakdown):
+    """Every summary has its expert load (counts sum to tokens x top-k), the GPU state and energy say 'not
+    measured' on the CPU with the reason, and the energy table and figure exist without a number."""
+    top_k = 2
+    for c in breakdown["configs"]:
+        r = c["routing"]
+        assert r["mode"] == "learned" and c["knobs"]["moe_routing"] == "learned"
+        assert all(sum(layer) == c["counts"]["prefill_tokens"] * top_k for layer in r["prefill"]["counts"])
+        assert all(sum(layer) == (c["decode_tokens"] - 1) * top_k for layer in r["decode"]["counts"])
+        assert c["gpu_state"]["measured"] is False and c["energy"]["measured"] is False
+    energy = json.loads((wf["dir"] / ENERGY_JSON).read_text())
+    assert energy["meta"]["measured"] is False and "no energy counter" in energy["meta"]["reason"]
+    assert all(not r["measured"] and "stages" not in r for r in energy["configs"])
+    assert (wf["dir"] / ENERGY_FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fvl = json.loads((wf["dir"] / FLOPS_JSON).read_text())
+    assert all(p["energy"]["measured"] is False for p in fvl["points"])
 
 
 def test_parquet_rows_match_summaries(wf, breakdown):
@@ -309,7 +335,8 @@ def test_touch_plot_module_reruns_only_the_plot(wf, breakdown):
     ("roofline/flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
     # imported by other modules only: the rules' code inputs follow the imports
     ("roofline/correlation.py", {"flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
-    ("plots/common.py", {"plot_stack": 1, "plot_breakdown": 1, "plot_flops": 1, "plot_scaling": 1}),
+    ("plots/common.py", {"plot_stack": 1, "plot_routing": 1, "plot_energy": 1, "plot_breakdown": 1, "plot_flops": 1,
+                         "plot_scaling": 1}),
 ])
 def test_touch_flops_modules_reruns_only_their_jobs(wf, breakdown, module, jobs):
     assert_package_unchanged(wf)
@@ -476,9 +503,9 @@ def test_sweep_axes_multiply_the_grid(empty_dir):
                    max_crops=4)
     assert rc == 0, out[-3000:]
     variants = {cid.split("__")[-1] for cid in measure_wildcards(out)}
-    assert variants == {f"sdpa.{e}.eager.k{k}.c4" for e in ("grouped_mm", "batched_mm") for k in (1, 2)}
+    assert variants == {f"sdpa.{e}.eager.k{k}.c4.learned" for e in ("grouped_mm", "batched_mm") for k in (1, 2)}
     assert job_counts(out)["measure"] == 8 * 4
-    assert f"results/{RUN}/specs/measure/336x336__short__n2__sdpa.batched_mm.eager.k1.c4.json" in out  # its spec
+    assert f"results/{RUN}/specs/measure/336x336__short__n2__sdpa.batched_mm.eager.k1.c4.learned.json" in out  # its spec
 
 
 def test_cuda_graph_variants_are_measured_profiled_and_not_checked_against_generate(empty_dir):
@@ -488,14 +515,14 @@ def test_cuda_graph_variants_are_measured_profiled_and_not_checked_against_gener
     assert counts["measure"] == 16 and counts["profile"] == 16, out[-3000:]
     assert counts["fidelity"] == 2, out[-3000:]  # generate() runs eagerly: eager variants only
     assert counts["flop_check"] == 2, out[-3000:]  # FLOPs are counted on eager decode: one check per image
-    assert "sdpa.auto.cuda_graph.k8.c12" in out
+    assert "sdpa.auto.cuda_graph.k8.c12.learned" in out
 
 
 def test_impossible_combinations_are_left_out_and_named(empty_dir):
     rc, out = plan(empty_dir / "left-out", device="cuda", backend=["eager", "cuda_graph"],
                    experts_implementation=["grouped_mm", "eager"])
     assert rc == 0, out[-3000:]
-    assert "1 variant(s) left out" in out and "sdpa.eager.cuda_graph.k8.c12: backend cuda_graph with " \
+    assert "1 variant(s) left out" in out and "sdpa.eager.cuda_graph.k8.c12.learned: backend cuda_graph with " \
         "experts_implementation 'eager' (its loop over the experts hit syncs with the host); allowed: auto, " \
         "grouped_mm, batched_mm" in out, out[-3000:]
     assert job_counts(out)["measure"] == 8 * 3

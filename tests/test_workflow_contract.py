@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SMALL_GRID = REPO / "tests" / "small_grid.yaml"
 RUN = "molmoe-1b-tiny_cpu_float32"
-VARIANT = "sdpa.auto.eager.k2.c12"
+VARIANT = "sdpa.auto.eager.k2.c12.learned"
 ONE = ("--config", "images=[336x336]", "select_prompts=[short]", "decode_tokens=[2]")  # one configuration
 
 
@@ -60,7 +60,8 @@ def test_report_after_the_quick_start_and_a_lost_json(tmp_path):
     assert rc == 0, out[-3000:]
     rc, out = snakemake(tmp_path, "--report", "report.html", *ONE)
     assert rc == 0, out[-3000:]
-    assert "e1: the report shows what exists; not built yet: results/e1_attention_ffn_breakdown.json" in out
+    assert "e1: the report shows what exists; not built yet: figures/e1_expert_load.png, " in out
+    assert "results/e1_attention_ffn_breakdown.json" in out
     assert "e1_stage_stack_plot.png" in (tmp_path / "report.html").read_text()
     rc, out = snakemake(tmp_path, *ONE)  # everything
     assert rc == 0, out[-3000:]
@@ -93,7 +94,7 @@ def test_a_huge_prompt_text_travels_in_files_and_a_text_edit_reruns_nothing(tmp_
 @pytest.mark.parametrize("changes, message", [
     ({"images": ["1008x784"], "max_crops": 64, "prompts": {"p": {"tokens": 2048}}, "decode_tokens": [2048]},
      "1 configuration(s) exceed the 4096-token context of molmoe-1b-tiny:\n  1008x784__p__n2048__sdpa.auto."
-     "eager.k2.c64: 5296 tokens (1 BOS + 1196 image + 2052 text + 2047 decoded)\nreduce images (or max_crops), "
+     "eager.k2.c64.learned: 5296 tokens (1 BOS + 1196 image + 2052 text + 2047 decoded)\nreduce images (or max_crops), "
      "prompts.<name>.tokens or decode_tokens"),
     ({"tokenizer": "/nonexistent/tokenizer"}, "tokenizer '/nonexistent/tokenizer': no such directory"),
     ({"select_prompts": ["medium"]}, "select_prompts names ['medium'], which are not in prompts (short, long)"),
@@ -123,7 +124,7 @@ def test_a_subset_of_the_grid_from_the_command_line(tmp_path):
     measured = {b for b in re.split(r"\n(?=\S*rule \w+:)", out) if re.match(r"\S*rule measure:", b.strip())}
     planned = {m for b in measured for m in re.findall(
         r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+), variant=(\S+)", b)}
-    assert planned == {("336x336", "short", "16", f"sdpa.auto.eager.k{k}.c12") for k in (1, 2)}, planned
+    assert planned == {("336x336", "short", "16", f"sdpa.auto.eager.k{k}.c12.learned") for k in (1, 2)}, planned
     assert len(measured) == 2
     partial = tmp_path / "subset.yaml"
     partial.write_text("select_prompts: [long]\ndecode_tokens: [4]\n")

@@ -1,5 +1,5 @@
-"""Command line: `e1 describe | check-config | image | measure | fidelity | stage-latency | plot-stack | profile |
-parse-trace | breakdown | plot-breakdown | calibrate | flop-check | flops-vs-latency | plot-flops |
+"""Command line: `e1 describe | check-config | image | measure | fidelity | stage-latency | plot-stack |
+stage-energy | plot-energy | plot-routing | profile | parse-trace | breakdown | plot-breakdown | calibrate | flop-check | flops-vs-latency | plot-flops |
 plot-scaling | findings`. The workflow's rules call these; model jobs read their spec from a file."""
 
 from __future__ import annotations
@@ -79,6 +79,24 @@ def _breakdown(a: argparse.Namespace) -> None:
     study_breakdown(a.summaries, a.kernels, a.measured, a.out)
 
 
+def _stage_energy(a: argparse.Namespace) -> None:
+    from e1.energy.table import energy_table
+
+    energy_table(a.latency, a.out)
+
+
+def _plot_energy(a: argparse.Namespace) -> None:
+    from e1.plots.energy import plot_energy
+
+    plot_energy(a.energy, a.out)
+
+
+def _plot_routing(a: argparse.Namespace) -> None:
+    from e1.plots.routing import plot_routing
+
+    plot_routing(a.latency, a.out)
+
+
 def _plot_breakdown(a: argparse.Namespace) -> None:
     from e1.plots.breakdown import plot_breakdown
 
@@ -127,7 +145,7 @@ def _plot_scaling(a: argparse.Namespace) -> None:
 def _findings(a: argparse.Namespace) -> None:
     from e1.findings import findings
 
-    findings(a.latency, a.flops, a.components, a.fidelity, a.out_md, a.out_json)
+    findings(a.latency, a.flops, a.components, a.fidelity, a.out_md, a.out_json, a.energy)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -169,6 +187,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_plot_stack)
+
+    se = sub.add_parser("stage-energy", help="every configuration's energy per stage (JSON), from the latency table")
+    se.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
+    se.add_argument("--out", required=True)
+    se.set_defaults(func=_stage_energy)
+
+    pe = sub.add_parser("plot-energy", help="stacked joules per request by stage")
+    pe.add_argument("--energy", required=True, help="e1_stage_energy.json")
+    pe.add_argument("--out", required=True)
+    pe.set_defaults(func=_plot_energy)
+
+    rt = sub.add_parser("plot-routing", help="expert load per configuration, learned against balanced routing")
+    rt.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
+    rt.add_argument("--out", required=True)
+    rt.set_defaults(func=_plot_routing)
 
     pr = sub.add_parser("profile", help="torch.profiler trace of one configuration with stage/component ranges")
     pr.add_argument("--spec", required=True, help="the job's spec file (JSON, written by rule spec)")
@@ -235,6 +268,7 @@ def parser() -> argparse.ArgumentParser:
     fd = sub.add_parser("findings", help="the study's key questions and expected findings, from this run")
     fd.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
     fd.add_argument("--flops", required=True, help="e1_flops_vs_latency.json")
+    fd.add_argument("--energy", required=True, help="e1_stage_energy.json")
     fd.add_argument("--components", nargs="?", help="e1_attention_ffn_breakdown.json (absent: nothing profiled)")
     fd.add_argument("--fidelity", nargs="*", default=[], help="fidelity JSONs (e1 against generate())")
     fd.add_argument("--out-md", required=True)

@@ -10,8 +10,9 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable
 
+from e1.energy.table import read_energy
 from e1.jobs.io import write_json, write_text
-from e1.latency.table import read_fidelity, read_latency
+from e1.latency.table import read_fidelity, read_latency, routing_pairs
 from e1.names import GROUP_NAMES as GROUPS
 from e1.names import STAGES
 from e1.profile.breakdown import BREAKDOWN_RULE, read_breakdown
@@ -256,10 +257,75 @@ def fidelity_check(items: list[dict]) -> dict[str, Any]:
                                     for i in items]}
 
 
+def expert_load(configs: list[dict]) -> dict[str, Any]:
+    """How evenly the experts were loaded (e1.model.routing), and what imbalance costs at equal FLOPs."""
+    parts, out = [], {"by_mode": {}, "pairs": []}
+    for mode in ("learned", "balanced"):
+        rows = [c for c in configs if c.get("routing") and c["knobs"]["moe_routing"] == mode]
+        if not rows:
+            continue
+        stats = {}
+        for ph in ("prefill", "decode"):
+            got = [c["routing"][ph] for c in rows if c["routing"].get(ph)]
+            if got:
+                mm = [g["max_over_mean"]["mean"] for g in got]
+                share = [g["busiest8_share"]["mean"] for g in got]
+                stats[ph] = {"max_over_mean": mm, "busiest8_share": share}
+                parts.append(f"{mode} routing, {ph}: busiest expert / mean {median(mm):.2f} (median over "
+                             f"{len(got)} configurations of the mean over layers; range {_range(mm)}), busiest 8 of "
+                             f"the experts take {_pct(median(share))} of the routed slots")
+        out["by_mode"][mode] = stats
+    if not parts:
+        return {**out, "text": "not recorded (summaries without routing counts)"}
+    for learned, balanced in routing_pairs(configs):
+        pair = {"id": learned["id"], "balanced_id": balanced["id"]}
+        for s in ("prefill", "decode"):
+            pair[f"{s}_ms"] = {"learned": learned["stages"][s]["median_ms"], "balanced": balanced["stages"][s]["median_ms"]}
+            b = pair[f"{s}_ms"]["balanced"]
+            pair[f"{s}_learned_over_balanced"] = pair[f"{s}_ms"]["learned"] / b if b > 0 else None
+        out["pairs"].append(pair)
+    for s in ("prefill", "decode"):
+        ratios = [p[f"{s}_learned_over_balanced"] for p in out["pairs"] if p[f"{s}_learned_over_balanced"]]
+        if ratios:
+            parts.append(f"{s} time learned / balanced at equal FLOPs: {median(ratios):.2f} (median of "
+                         f"{len(ratios)} pairs; range {_range(ratios)})")
+    return {**out, "text": "; ".join(parts) + ". A perfectly even layer has busiest / mean 1 and its busiest 8 "
+                           "experts take 8/E of the slots; all tokens on the same k experts gives E/k"}
+
+
+def energy_vs_time(energy: dict[str, Any], configs: list[dict]) -> dict[str, Any]:
+    """Which stage dominates a request's energy (net of idle), and whether it is the one that dominates its time."""
+    rows = [r for r in energy["configs"] if r["measured"]]
+    if not rows:
+        return {"measured": False, "text": f"not measured ({energy['meta']['reason']})"}
+    by_id = {c["id"]: c for c in configs}
+    items, differ = [], 0
+    for r in rows:
+        j = {s: v["per_request_net_j"] for s, v in r["stages"].items()}
+        e_share = {s: v / sum(j.values()) for s, v in j.items()}
+        t_share = shares(by_id[r["id"]])
+        e_dom, t_dom = max(e_share, key=e_share.get), max(t_share, key=t_share.get)
+        differ += e_dom != t_dom
+        items.append({"id": r["id"], "energy_dominant": e_dom, "time_dominant": t_dom, "energy_share": e_share,
+                      "time_share": t_share, "j_per_request_net": r["request"]["net"]["j_per_request"],
+                      "j_per_token_net": r["request"]["net"]["j_per_token"]})
+    count: dict[str, int] = {}
+    for i in items:
+        count[i["energy_dominant"]] = count.get(i["energy_dominant"], 0) + 1
+    per_token = [i["j_per_token_net"] for i in items]
+    text = ("energy (net of idle) is dominated by " + ", ".join(f"{s} in {n}" for s, n in
+                                                               sorted(count.items(), key=lambda kv: -kv[1]))
+            + f" of {len(items)} configurations; the energy-dominant stage differs from the time-dominant one in "
+            f"{differ} of {len(items)}; J per generated token above idle: median {median(per_token):.3g} "
+            f"(range {_range(per_token)})")
+    return {"measured": True, "text": text, "differ": differ, "items": items}
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = ["# E1 findings", "",
              f"Run: {m['model']} on {m['device']} ({m['device_type']}), {m['dtype']}, {m['weights']} weights, "
+             f"prompt ids: {m.get('token_ids', 'not recorded')}, "
              f"torch {m['torch']}; {m['protocol']['timed']} timed runs after {m['protocol']['warmup']} warm-up, "
              f"batch size 1. Knobs (all configurations pooled): {'; '.join(m['knobs'])}.", "",
              "Conventions: " + "; ".join(m["conventions"].values()), ""]
@@ -267,7 +333,8 @@ def render(result: dict[str, Any]) -> str:
         lines += [f"**{m['model']} is a scaled-down stand-in: these numbers are not MolmoE-1B's.**", ""]
     lines += ["## Key questions", ""]
     titles = ("Which stages dominate end-to-end latency?", "Within the LLM stages, which sub-components dominate?",
-              "How does stage dominance change across input regimes?", "Why do FLOPs not predict latency?")
+              "How does stage dominance change across input regimes?", "Why do FLOPs not predict latency?",
+              "Which stage dominates energy, and is it the one that dominates time?")
     for i, (title, q) in enumerate(zip(titles, result["questions"].values()), 1):
         lines += [f"{i}. **{title}** {q['text']}", ""]
     lines += ["## Expected findings", ""]
@@ -277,6 +344,7 @@ def render(result: dict[str, Any]) -> str:
     lines += ["## What the host costs", "", f"- Launch overhead: {result['launch_overhead']['text']}.",
               f"- e1 against transformers' generate(): {result['fidelity']['text']}.",
               f"- The study's own cost: {result['job_cost_text']}.", ""]
+    lines += ["## Expert load", "", f"{result['expert_load']['text']}.", ""]
     flagged = result["flagged_configurations"]
     lines += ["## Measurements to doubt", "", f"Rule: {m['flag_rule']}.", ""]
     lines += [f"- {cid}: {'; '.join(why)}" for cid, why in flagged.items()] or ["- none"]
@@ -296,7 +364,8 @@ def job_cost_text(cost: dict[str, Any] | None) -> str:
 
 
 def findings(latency_json: str | Path, flops_json: str | Path, components_json: str | Path | None,
-             fidelity_jsons: list[str | Path], out_md: str | Path, out_json: str | Path) -> dict[str, Any]:
+             fidelity_jsons: list[str | Path], out_md: str | Path, out_json: str | Path,
+             energy_json: str | Path) -> dict[str, Any]:
     """Answer the questions and judge the expectations; write Markdown and JSON.
 
     components_json None: nothing was profiled (e.g. every variant decodes with CUDA graphs); the component
@@ -312,6 +381,7 @@ def findings(latency_json: str | Path, flops_json: str | Path, components_json: 
     check_same_run(meta, comp["meta"], f"component breakdown {components_json}", keys, BREAKDOWN_RULE)
     result = {
         "meta": {**{k: meta[k] for k in ("model", "device", "device_type", "dtype", "weights", "torch", "protocol")},
+                 "token_ids": meta.get("token_ids"),
                  "knobs": sorted({", ".join(f"{k}={v}" for k, v in p["knobs"].items()) for p in fl["points"]}),
                  "flag_rule": meta.get("flag_rule", "no flags recorded"),
                  "conventions": {"timing": meta["convention"], "components": comp["meta"]["convention"],
@@ -319,11 +389,13 @@ def findings(latency_json: str | Path, flops_json: str | Path, components_json: 
                                  "shares": "a stage's share = its median latency / the sum of the four stages' "
                                            "medians; 'dominates' = the largest share"}},
         "questions": {"q1_dominant_stage": q1_dominant(configs), "q2_llm_components": q2_components(comp["configs"]),
-                      "q3_regimes": q3_regimes(configs), "q4_flops": q4_flops(fl)},
+                      "q3_regimes": q3_regimes(configs), "q4_flops": q4_flops(fl),
+                      "q5_energy": energy_vs_time(read_energy(energy_json), configs)},
         "expected_findings": expected(configs, comp["configs"], fl),
         "flagged_configurations": {c["id"]: c["flags"] for c in configs if c.get("flags")},
         "launch_overhead": launch_overhead(configs, fl),
         "host_warnings": host_warnings(configs),
+        "expert_load": expert_load(configs),
         "fidelity": fidelity_check([read_fidelity(f) for f in fidelity_jsons]),
         "job_cost_text": job_cost_text(meta.get("job_cost")),
     }

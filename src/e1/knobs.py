@@ -2,7 +2,8 @@
 
 One table, read by the Snakemake rules while they plan (torch is not imported here) and by the package in
 every job, so a default or a rule about combinations is written once. Every combination of the configured
-values is a *variant*, named `attn.experts.backend.k<top-k>.c<max_crops>` (e.g. sdpa.auto.eager.k8.c12).
+values is a *variant*, named `attn.experts.backend.k<top-k>.c<max_crops>.<routing>` (e.g.
+sdpa.auto.eager.k8.c12.learned).
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ AXES: dict[str, Axis] = {
     "moe_top_k": Axis(None, None, "experts per token: null = the model's own, else 1..num_experts; FLOPs change"),
     "max_crops": Axis(None, None, f"image tiles allowed: null = the model's own, else 1..{MAX_CROPS}; "
                                   "vision FLOPs and image tokens change"),
+    "moe_routing": Axis("learned", ("learned", "balanced"),
+                        "which experts the tokens go to: learned = the router's top-k choice; balanced = the router "
+                        "still runs but the ids are assigned round-robin so every expert gets the same number "
+                        "of tokens (e1/model/routing.py); FLOPs equal"),
 }
 # Knobs that change the work (FLOPs, bytes) against knobs that change only how the same work is executed.
 WORK_KNOBS = ("moe_top_k", "max_crops")
-IMPL_KNOBS = ("attn_implementation", "experts_implementation", "backend")
+IMPL_KNOBS = ("attn_implementation", "experts_implementation", "backend", "moe_routing")
 # What a CUDA-graph-captured decode step can run with.
 GRAPH_ATTN = ("sdpa", "eager")  # flash_attention_2 takes no additive mask over a static cache
 GRAPH_EXPERTS = ("auto", "grouped_mm", "batched_mm")  # transformers' eager experts loop syncs with the host
@@ -108,9 +113,9 @@ def problem(knobs: Mapping[str, Any], device_type: str, dtype: str) -> str | Non
 
 
 def variant_name(knobs: Mapping[str, Any]) -> str:
-    """attn.experts.backend.k<top-k>.c<max_crops>, e.g. sdpa.auto.eager.k8.c12."""
+    """attn.experts.backend.k<top-k>.c<max_crops>.<routing>, e.g. sdpa.auto.eager.k8.c12.learned."""
     return (f"{knobs['attn_implementation']}.{knobs['experts_implementation']}.{knobs['backend']}"
-            f".k{knobs['moe_top_k']}.c{knobs['max_crops']}")
+            f".k{knobs['moe_top_k']}.c{knobs['max_crops']}.{knobs['moe_routing']}")
 
 
 def grid(config: Mapping[str, Any], arch: Arch, device_type: str, dtype: str

@@ -14,7 +14,7 @@ if Path(e1.__file__).resolve().parent.parent != SRC.resolve():
 
 from e1 import knobs  # noqa: E402
 from e1.inputs.images import parse_size  # noqa: E402
-from e1.inputs.prompts import make_prompt  # noqa: E402
+from e1.inputs.prompts import make_prompt, resolve_tokenizer  # noqa: E402
 from e1.jobs import nvsmi  # noqa: E402
 from e1.jobs import spec as jobspec  # noqa: E402
 from e1.jobs.io import write_json  # noqa: E402
@@ -66,8 +66,9 @@ PROMPTS = {name: p for name, p in config["prompts"].items()
            if not config.get("select_prompts") or name in config["select_prompts"]}
 # The prompt records (token ids), made while planning: a text edit that leaves the ids equal reruns nothing.
 try:
-    PROMPT_RECORDS = {name: make_prompt(ARCH, name, p["tokens"], p.get("text"), config.get("tokenizer"),
-                                        config["seed"]) for name, p in PROMPTS.items()}
+    TOKENIZER = resolve_tokenizer(config.get("tokenizer", "auto"), config["weights"])
+    PROMPT_RECORDS = {name: make_prompt(ARCH, name, p["tokens"], p.get("text"), TOKENIZER, config["seed"])
+                      for name, p in PROMPTS.items()}
 except ValueError as e:
     raise WorkflowError(f"config: {e}") from None
 
@@ -101,7 +102,7 @@ wildcard_constraints:
     image=r"[1-9][0-9]*x[1-9][0-9]*",
     prompt=r"[A-Za-z0-9-]+",
     decode=r"[0-9]+",
-    variant=r"[a-z0-9_]+\.[a-z0-9_]+\.(eager|cuda_graph)\.k[0-9]+\.c[0-9]+",
+    variant=r"[a-z0-9_]+\.[a-z0-9_]+\.(eager|cuda_graph)\.k[0-9]+\.c[0-9]+\.(learned|balanced)",
     kind="|".join(jobspec.KINDS),
 
 
@@ -186,7 +187,8 @@ def job_spec(wildcards):
     base = _model_job(stem, image, prompt, variant)
     if kind == "measure":
         return jobspec.to_dict(jobspec.MeasureJob(**base, decode_tokens=int(decode[1:]),
-                                                  warmup=config["protocol"]["warmup"], timed=config["protocol"]["timed"]))
+                                                  warmup=config["protocol"]["warmup"], timed=config["protocol"]["timed"],
+                                                  energy=dict(config["energy"])))
     if kind == "fidelity":
         return jobspec.to_dict(jobspec.FidelityJob(**base, decode_tokens=int(decode[1:]),
                                                    pairs=config["fidelity"]["pairs"]))

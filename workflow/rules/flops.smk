@@ -90,6 +90,7 @@ rule findings:
     input:
         latency=rules.stage_latency.output[0],
         flops=rules.flops_vs_latency.output[0],
+        energy=rules.stage_energy.output[0],
         components=rules.breakdown.output,
         fidelity=per_config(rules.fidelity.output[0], FIDELITY),
         code=code("findings.py"),
@@ -99,5 +100,6 @@ rule findings:
     log:
         "logs/findings.log",
     shell:
-        "{E1} {log} findings --latency {input.latency} --flops {input.flops} --components {input.components}"
+        "{E1} {log} findings --latency {input.latency} --flops {input.flops} --energy {input.energy}"
+        " --components {input.components}"
         " --fidelity {input.fidelity} --out-md {output.md} --out-json {output.json}"

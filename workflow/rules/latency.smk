@@ -1,4 +1,4 @@
-# All configurations of one run into the study's stage latency table.
+# All configurations of one run into the study's stage latency table, and their energy per stage.
 
 
 rule stage_latency:
@@ -13,3 +13,17 @@ rule stage_latency:
         "logs/stage_latency.log",
     shell:
         "{E1} {log} stage-latency --out {output} {input.summaries}"
+
+
+rule stage_energy:
+    conda:
+        "../../envs/analysis.yaml"
+    input:
+        latency=rules.stage_latency.output[0],
+        code=code("energy/table.py"),
+    output:
+        "results/e1_stage_energy.json",
+    log:
+        "logs/stage_energy.log",
+    shell:
+        "{E1} {log} stage-energy --latency {input.latency} --out {output}"

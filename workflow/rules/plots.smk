@@ -1,4 +1,5 @@
-# Figures from the stage latency table and the component breakdown.
+# Figures from the stage latency table (stages, expert load), the stage energy table and the component
+# breakdown.
 
 
 rule plot_stack:
@@ -27,3 +28,31 @@ rule plot_breakdown:
         "logs/plot_breakdown.log",
     shell:
         "{E1} {log} plot-breakdown --breakdown {input.breakdown} --out {output}"
+
+
+rule plot_energy:
+    conda:
+        "../../envs/analysis.yaml"
+    input:
+        energy=rules.stage_energy.output[0],
+        code=code("plots/energy.py"),
+    output:
+        figure("e1_stage_energy_plot"),
+    log:
+        "logs/plot_energy.log",
+    shell:
+        "{E1} {log} plot-energy --energy {input.energy} --out {output}"
+
+
+rule plot_routing:
+    conda:
+        "../../envs/analysis.yaml"
+    input:
+        latency=rules.stage_latency.output[0],
+        code=code("plots/routing.py"),
+    output:
+        figure("e1_expert_load"),
+    log:
+        "logs/plot_routing.log",
+    shell:
+        "{E1} {log} plot-routing --latency {input.latency} --out {output}"

@@ -1,7 +1,9 @@
 """Study prompts as token ids: the templated text " User: {prompt} Assistant:" (rule prompt).
 
 Without a tokenizer the prompt's ids are deterministic stand-ins (its configured token count, ordinary
-text tokens only); with a local tokenizer directory the text is tokenized for real. The workflow computes
+text tokens only); with a local tokenizer directory (`tokenizer: auto` takes the weights folder's when it holds
+tokenizer.json, as a released download does) the text is tokenized for real, and the tokenizer's special
+tokens must have the model's ids. The workflow computes
 the record while it plans (no torch import), so a text edit that leaves the ids unchanged reruns nothing.
 """
 
@@ -46,6 +48,27 @@ def tokenizer_file(directory: str | Path) -> Path:
     return f
 
 
+SPECIAL_TOKENS = {"bos": "<|endoftext|>", "im_start": "<im_start>", "im_end": "<im_end>", "im_patch": "<im_patch>",
+                  "im_col": "<im_col>", "image": "<|image|>"}
+
+
+def resolve_tokenizer(setting: str | None, weights: str) -> str | None:
+    """The tokenizer directory a run uses: null -> none (synthetic ids); "auto" -> the weights folder when it
+    holds tokenizer.json, else none; any other value -> that directory (checked when it is read)."""
+    if setting != "auto":
+        return setting
+    return weights if weights != "random" and (Path(weights) / "tokenizer.json").is_file() else None
+
+
+def _check_specials(arch: Arch, tok: Any, path: Path) -> None:
+    """The image and text special tokens of the tokenizer have the ids the model was built with."""
+    wrong = [f"{text} is {tok.token_to_id(text)} (model: {arch.tokens[key]})" for key, text in SPECIAL_TOKENS.items()
+             if tok.token_to_id(text) != arch.tokens[key]]
+    if wrong:
+        raise ValueError(f"tokenizer {str(path)!r} does not fit {arch.name}: " + "; ".join(wrong)
+                         + " (None: the token is absent). Is it the released model's tokenizer?")
+
+
 def make_prompt(arch: Arch, name: str, tokens: int, text: str | None, tokenizer: str | None,
                 seed: int = 0) -> dict[str, Any]:
     """Prompt record: the templated text ids (' User: {prompt} Assistant:') and their counts."""
@@ -59,6 +82,7 @@ def make_prompt(arch: Arch, name: str, tokens: int, text: str | None, tokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises its own exception type
             raise ValueError(f"tokenizer {str(path)!r} cannot be read: {e}") from None
+        _check_specials(arch, tok, path)
         prompt_ids = tok.encode(" " + text, add_special_tokens=False).ids
         text_ids = tok.encode(f" User: {text} Assistant:", add_special_tokens=False).ids
         source = f"tokenizer {path}"

@@ -16,6 +16,7 @@ from e1.model.build import build_model, resolve_dtype
 from e1.model.graphs import check_graph_support
 from e1.model.molmoe import MolmoE
 from e1.model.preprocess import load_image
+from e1.model.routing import set_routing
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,9 +48,12 @@ def resolve_job(spec: ModelJob) -> tuple[Arch, dict[str, Any], torch.device, tor
 
 
 def build_for(spec: ModelJob, arch: Arch, knobs: dict[str, Any], device: torch.device) -> MolmoE:
-    return build_model(arch, device=str(device), dtype=spec.dtype, weights=spec.weights, seed=spec.seed,
-                       attn_implementation=knobs["attn_implementation"],
-                       experts_implementation=knobs["experts_implementation"])
+    """The job's model, with its routing mode applied."""
+    model = build_model(arch, device=str(device), dtype=spec.dtype, weights=spec.weights, seed=spec.seed,
+                        attn_implementation=knobs["attn_implementation"],
+                        experts_implementation=knobs["experts_implementation"])
+    set_routing(model, knobs["moe_routing"])
+    return model
 
 
 def job_inputs(spec: ModelJob) -> tuple[Image.Image, dict[str, Any]]:
@@ -58,11 +62,13 @@ def job_inputs(spec: ModelJob) -> tuple[Image.Image, dict[str, Any]]:
     return load_image(spec.image_path), read_prompt(spec.prompt_path)
 
 
-def job_meta(spec: ModelJob, arch: Arch, device: torch.device, dtype: torch.dtype, env: dict[str, Any]
-             ) -> dict[str, Any]:
-    """The run facts every model job's artifacts carry."""
+def job_meta(spec: ModelJob, model: MolmoE, device: torch.device, dtype: torch.dtype, env: dict[str, Any],
+             prompt: dict[str, Any]) -> dict[str, Any]:
+    """The run facts every model job's artifacts carry: what ran where, which weights were loaded (and how)
+    and where the prompt's token ids came from."""
     return {
-        "model": arch.name, "weights": spec.weights, "seed": spec.seed, "device": env["device_name"],
+        "model": model.arch.name, "weights": spec.weights, "weights_loaded": model.weights_report,
+        "token_ids": prompt["source"], "seed": spec.seed, "device": env["device_name"],
         "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "torch": env["torch"],
         "transformers": env["transformers"], "env": env,
     }

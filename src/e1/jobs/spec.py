@@ -45,6 +45,7 @@ class MeasureJob(ModelJob):
     decode_tokens: int  # N new tokens = 1 prefill + N-1 decode steps
     warmup: int
     timed: int
+    energy: dict  # repeats (0: not measured), min_periods (e1.energy.windows)
 
 
 @dataclass(frozen=True)

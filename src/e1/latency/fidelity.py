@@ -110,7 +110,7 @@ def fidelity(spec: FidelityJob, out_json: str | Path) -> dict[str, Any]:
         "experts_used": {"e1": {"prefill": model.experts_in_use(), "decode": _decode_experts(model)},
                          "generate": generate_experts(model)},
         "convention": CONVENTION,
-        "meta": job_meta(spec, arch, device, dtype, env),
+        "meta": job_meta(spec, model, device, dtype, env, prompt),
     }
     write_json(out_json, result)
     log(f"{spec.id}: e1 {result['e1_median_ms']:.1f} ms, generate() {result['generate_median_ms']:.1f} ms "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 
 import e1
 from e1.jobs import env as jobenv
+from e1.energy.gpu_state import GpuStateSampler
+from e1.energy.stages import job_energy, sensors_for
 from e1.jobs import hostbench, hostload
 from e1.jobs.io import atomic_path, write_json
 from e1.jobs.log import log
@@ -26,6 +29,7 @@ from e1.latency.memory import stage_memory
 from e1.latency.timing import CONVENTION, RunTiming, timed_generate
 from e1.model.graphs import GraphedRequest, compare_with_eager
 from e1.model.preprocess import check_context
+from e1.model.routing import BUSIEST, expert_load
 from e1.model.stage_inputs import prepare
 from e1.names import STAGES
 
@@ -49,6 +53,12 @@ def run_rows(config_id: str, run: int, preprocess_ms: float, t: RunTiming) -> li
     return rows
 
 
+def by_stage_ms(rows: list[tuple], stage: str) -> list[float]:
+    """The ms of every row of one stage (or 'decode_step'), in run order."""
+    return [ms for _cid, _run, s, _step, ms in rows if s == stage]
+
+
+GPU_STATE_INTERVAL_S = 0.1  # NVML sampling period during the timed runs (its calls release the GIL)
 COMPARE_TOKENS = 33  # the cuda_graph guard compares the first min(N, 33) tokens (prefill + 32 decode steps)
 
 
@@ -98,12 +108,16 @@ def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> 
         marks["graphs_captured"] = time.time()
         log(f"every stage captured in a CUDA graph in {capture_s:.2f} s (static cache of {graphs.kv.max_len} slots)")
     bench = hostbench.host_bench(device)
+    sensors, no_sensors = sensors_for(device)
+    gpu_state = GpuStateSampler(sensors, interval_s=GPU_STATE_INTERVAL_S, reason=no_sensors)
     gc.collect()  # once: runs pause the collector, they do not collect
     load_before = hostload.snapshot()
     rows: list[tuple] = []
     tokens, experts = [], {}
     marks["runs_start"] = time.time()
     for run in range(-spec.warmup, spec.timed):
+        if run == 0:
+            gpu_state.__enter__()  # sampled during the timed runs only
         t_pre = time.perf_counter()
         inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)  # timed on the host, per run
         pre_ms = (time.perf_counter() - t_pre) * 1e3
@@ -115,17 +129,26 @@ def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> 
         log(f"{'warm-up' if run < 0 else 'timed'} run {run if run >= 0 else run + spec.warmup}: "
             f"e2e {t.e2e_ms:.1f} ms (vision {t.stages_ms['vision_encoder']:.1f}, projector "
             f"{t.stages_ms['projector']:.1f}, prefill {t.stages_ms['prefill']:.1f}, decode {t.stages_ms['decode']:.1f})")
+    gpu_state.__exit__(None, None, None)
     marks["runs_end"] = time.time()
     after_future = pool.submit(jobenv.gpu_state, device.index or 0) if device.type == "cuda" else None
     load_after = hostload.snapshot()
     compared = compare_with_eager(tokens[0], model, inp, min(n_new, COMPARE_TOKENS), graphs) if graphed else None
     memory = stage_memory(model, inp, n_new, graphs)
+    routing = {"mode": knobs["moe_routing"], **expert_load(model, inp, n_new)}
+    log(f"expert load ({knobs['moe_routing']} routing, one untimed request): " + "; ".join(
+        f"{ph} max/mean {routing[ph]['max_over_mean']['mean']:.2f} (mean over layers), busiest {BUSIEST} experts "
+        f"{routing[ph][f'busiest{BUSIEST}_share']['mean']:.0%} of slots" for ph in ("prefill", "decode")
+        if routing[ph]))
     marks["checks_done"] = time.time()
+    medians = {s: statistics.median(by_stage_ms(rows, s)) for s in STAGES[:3]}
+    if n_new > 1:
+        medians["decode"] = statistics.median(by_stage_ms(rows, "decode_step"))
+    energy = job_energy(model, inp, n_new, graphs, sensors, no_sensors, medians, spec.energy, log)
+    marks["energy_done"] = time.time()
 
-    by_stage: dict[str, list[float]] = {}
-    for _cid, _run, stage, _step, ms in rows:
-        by_stage.setdefault(stage, []).append(ms)
-    meta = job_meta(spec, arch, device, dtype, env)
+    by_stage = {stage: by_stage_ms(rows, stage) for stage in {r[2] for r in rows}}
+    meta = job_meta(spec, model, device, dtype, env, prompt)
     meta.update(convention=CONVENTION, protocol={"warmup": spec.warmup, "timed": spec.timed, "batch_size": 1},
                 build_s=build_s, host_load={"before_timed_runs": load_before, "after_timed_runs": load_after},
                 host_bench={**bench, "cpu": env["cpu"], "loadavg_before": load_before["loadavg"]})
@@ -148,6 +171,9 @@ def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> 
         "graph_capture_s": capture_s,
         "graph_vs_eager": compared,
         "memory": memory,
+        "routing": routing,
+        "gpu_state": gpu_state.summary(),
+        "energy": energy,
         "meta": meta,
     }
     if after_future is not None:

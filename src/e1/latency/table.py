@@ -18,12 +18,13 @@ from e1.names import STAGES
 MEASURE_RULE, TABLE_RULE = "measure", "stage_latency"
 # Run facts that must agree across configurations: results from different setups never mix silently.
 # The sweep knobs differ by design: each configuration row carries its own "variant" and "knobs".
-SHARED = ("model", "weights", "seed", "device", "dtype", "torch", "transformers", "protocol")
+SHARED = ("model", "weights", "token_ids", "seed", "device", "dtype", "torch", "transformers", "protocol")
 STAT_KEYS = ("mean_ms", "median_ms", "p95_ms", "p99_ms", "std_ms", "min_ms", "max_ms", "cv")
 CV_LIMIT = 0.10  # a configuration whose e2e or stage CV (std / mean over the timed runs) exceeds this is flagged
 FLAG_RULE = (f"flagged when the coefficient of variation (std / mean over the timed runs) of e2e or of a stage "
              f"exceeds {CV_LIMIT}, when another process used >= {BUSY_SHARE:.0%} of a CPU core just before or "
-             "after the timed runs, or when another process was on the GPU")
+             "after the timed runs, when another process was on the GPU, or when NVML saw the GPU's SM clock drop "
+             "(busy samples below 0.95 x their max) or a throttle reason during the timed runs")
 
 
 def _check_stats(rec: Record, lower: float | None = 0.0) -> None:
@@ -43,6 +44,13 @@ def read_summary(path: str | Path) -> dict[str, Any]:
     rec.number("decode_tokens", minimum=1)
     for key in ("vit_crops", "pooled_features", "inserted_features", "prefill_tokens"):
         rec["counts"].number(key, minimum=1)
+    routing = rec["routing"]
+    if routing["mode"].expect(str) not in ("learned", "balanced"):
+        raise routing["mode"].fail("must be 'learned' or 'balanced'")
+    for ph in ("prefill",) + (("decode",) if rec.data["decode_steps"] > 0 else ()):
+        routing[ph]["max_over_mean"].number("mean", minimum=1.0)
+        routing[ph]["busiest8_share"].number("mean", minimum=0.0)
+        routing[ph]["counts"].expect(list)
     stages = rec["stages"]
     for s in (*STAGES, "e2e", "preprocess"):
         _check_stats(stages[s])
@@ -67,6 +75,13 @@ def flags(summary: dict[str, Any]) -> list[str]:
             out.append(f"host busy {when.replace('_', ' ')}: {why}")
     if meta["env"].get("other_gpu_processes"):
         out.append(f"other processes on the GPU: {meta['env']['other_gpu_processes']}")
+    gpu = summary.get("gpu_state") or {}
+    if gpu.get("clock_dropped"):
+        mhz = gpu["busy_sm_clock_mhz"]
+        out.append(f"GPU SM clock dropped during the timed runs: {mhz['min']}..{mhz['max']} MHz while busy")
+    if gpu.get("throttled"):
+        out.append(f"GPU throttle reasons during the timed runs: {', '.join(gpu['throttle_reasons'])} "
+                   f"({gpu['throttled_samples']} of {gpu['samples']} samples)")
     return out
 
 
@@ -139,6 +154,7 @@ def stage_latency(summaries: list[str | Path], out: str | Path) -> dict[str, Any
                                 f"stale one: `snakemake --forcerun {MEASURE_RULE}`")
     meta = {k: first[k] for k in (*SHARED, "device_type", "convention")}
     meta["env"] = first["env"]
+    meta["weights_loaded"] = first.get("weights_loaded")
     meta["build_s"] = [c["meta"]["build_s"] for c in configs]
     meta["tokens_identical_across_runs"] = all(c["tokens_identical_across_runs"] for c in configs)
     meta["flag_rule"] = FLAG_RULE
@@ -188,3 +204,11 @@ def read_fidelity(path: str | Path) -> dict[str, Any]:
     for k in ("e1_median_ms", "generate_median_ms", "ratio_e1_over_generate"):
         rec.number(k, minimum=1e-12)
     return rec.data
+
+
+def routing_pairs(configs: list[dict]) -> list[tuple[dict, dict]]:
+    """(learned, balanced) configurations that differ only in moe_routing (the last part of the variant name)."""
+    by_key: dict[str, dict[str, dict]] = {}
+    for c in configs:
+        by_key.setdefault(c["id"].rsplit(".", 1)[0], {})[c["knobs"].get("moe_routing", "learned")] = c
+    return [(m["learned"], m["balanced"]) for m in by_key.values() if {"learned", "balanced"} <= m.keys()]

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from e1.jobs.io import atomic_path, read_json, write_json
 from e1.knobs import AXES
 from e1.model.arch import Arch, load_arch
+from e1.model.checkpoint import load_released
 from e1.model.molmoe import MolmoE
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "e1_model.json"
 INIT_STD = 0.02
 
 
@@ -65,8 +61,9 @@ def build_model(
 ) -> MolmoE:
     """Build MolmoE on `device` in `dtype`.
 
-    weights: "random" (seeded N(0, 0.02), made on the device) or a directory written by `save_weights`.
-    A checkpoint whose keys or shapes do not match is an error naming them; nothing loads partially.
+    weights: "random" (seeded N(0, 0.02), made on the device) or a folder in the released MolmoE layout
+    (e1.model.checkpoint: a Hugging Face download, or one written by save_released); what was loaded is in
+    `model.weights_report`. A folder whose config, names or shapes do not match is an error naming them.
     device="meta" builds shapes only (for parameter counts): weights and seed are not used.
     """
     arch = load_arch(arch) if isinstance(arch, str) else arch
@@ -79,55 +76,7 @@ def build_model(
     model.eval().requires_grad_(False)
     if weights == "random":
         _init_random(model, seed)
+        model.weights_report = {"layout": "random", "seed": seed, "init": f"norms 1, biases 0, else N(0, {INIT_STD})"}
     else:
-        load_weights(model, weights)
+        model.weights_report = load_released(model, weights)
     return model
-
-
-def save_weights(model: MolmoE, directory: str | Path) -> Path:
-    """Write model.safetensors + e1_model.json (the arch name) into `directory`."""
-    out = Path(directory)
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json(out / META_FILE, {"model": model.arch.name})
-    return out
-
-
-@torch.no_grad()
-def load_weights(model: MolmoE, directory: str | Path) -> None:
-    """Load a checkpoint saved by `save_weights`; strict on keys and shapes."""
-    path = Path(directory)
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"weights {str(directory)!r}: expected 'random' or a directory holding {WEIGHTS_FILE} (from e1's save_weights)"
-        )
-    meta = path / META_FILE
-    if meta.is_file():
-        saved = read_json(meta, None).get("model")
-        if saved != model.arch.name:
-            raise ValueError(f"checkpoint {str(directory)!r} is for model {saved!r}, not {model.arch.name!r}")
-    device = next(model.parameters()).device
-    try:
-        state = load_file(str(file), device=str(device))
-    except Exception as e:  # safetensors raises its own SafetensorError (header too large, truncated, ...)
-        raise ValueError(f"weights file {str(file)!r} cannot be read as safetensors ({type(e).__name__}: {e}): "
-                         "truncated or not a checkpoint? Use weights: random, or a directory written by e1's "
-                         "save_weights") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                shown = ", ".join(items[:10]) + (f" (+{len(items) - 10} more)" if len(items) > 10 else "")
-                parts.append(f"{len(items)} {label}: {shown}")
-        raise ValueError(f"checkpoint {str(directory)!r} does not match {model.arch.name}: " + "; ".join(parts))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-

@@ -9,12 +9,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from e1.inputs.images import parse_size  # noqa: E402
 from e1.jobs.io import atomic_path  # noqa: E402
 
 # The four stages, in pipeline order, as every figure colours and names them.
 COLORS = {"vision_encoder": "#4C72B0", "projector": "#DD8452", "prefill": "#55A868", "decode": "#C44E52"}
 LABELS = {"vision_encoder": "vision encoder", "projector": "projector", "prefill": "LLM prefill",
           "decode": "LLM decode"}
+
+
+def image_area(size: str) -> int:
+    """Pixels of a WIDTHxHEIGHT image: the figures order configurations by it."""
+    w, h = parse_size(size)
+    return w * h
 
 
 def title_for(title: str, model: str, sep: str = " — ") -> str:

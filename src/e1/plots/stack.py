@@ -11,26 +11,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from e1.inputs.images import parse_size  # noqa: E402
 from e1.latency.table import read_latency  # noqa: E402
 from e1.names import STAGES  # noqa: E402
-from e1.plots.common import COLORS, LABELS, save, title_for  # noqa: E402
-
-
-def image_area(size: str) -> int:
-    w, h = parse_size(size)
-    return w * h
+from e1.plots.common import COLORS, LABELS, image_area, save, title_for  # noqa: E402
 
 
 def knobs_text(knobs: dict) -> str:
     return (f"{knobs['attn_implementation']} attention, {knobs['experts_implementation']} experts, "
-            f"{knobs['backend']} backend, top-{knobs['moe_top_k']} experts, max {knobs['max_crops']} crops")
+            f"{knobs['backend']} backend, top-{knobs['moe_top_k']} experts, max {knobs['max_crops']} crops, "
+            f"{knobs['moe_routing']} routing")
 
 
 def subtitle(meta: dict, configs: list[dict]) -> str:
     variants = {c["variant"]: c["knobs"] for c in configs}
     how = knobs_text(next(iter(variants.values()))) if len(variants) == 1 else \
-        f"{len(variants)} variants (attn.experts.backend.k<top-k>.c<max crops>, named under each bar)"
+        f"{len(variants)} variants (attn.experts.backend.k<top-k>.c<max crops>.<routing>, named under each bar)"
     return (f"{meta['model']} · {meta['device']} · {meta['dtype']} · {meta['weights']} weights · {how} · "
             f"medians of {meta['protocol']['timed']} timed runs after {meta['protocol']['warmup']} warm-up")
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from e1.jobs import env as jobenv
@@ -24,30 +23,19 @@ from e1.jobs.spec import ProfileJob
 from e1.latency.timing import timed_generate
 from e1.model.graphs import GraphedRequest
 from e1.model.molmoe import MolmoE
+from e1.model.routing import expert_load
 from e1.model.stage_inputs import StageInputs, prepare
 from e1.names import RUN_RANGE
 from e1.profile.ranges import component_ranges
 
 
-@torch.inference_mode()
 def expert_routing(model: MolmoE, inp: StageInputs) -> pa.Table:
-    """Tokens routed to each expert in each layer during one prefill (from the routers' top-k choices)."""
-    counts: list[torch.Tensor] = []
-    n_experts = model.arch.llm["num_experts"]
-
-    def hook(_module, _args, out):  # router returns (logits, top-k weights, top-k indices)
-        counts.append(torch.bincount(out[2].reshape(-1), minlength=n_experts).cpu())
-
-    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.llm.layers]
-    try:
-        feats = model.encode_images(inp.crops)
-        model.prefill(inp.input_ids, model.project(feats, inp.patch_masks), inp.feature_index, inp.token_position)
-    finally:
-        for h in handles:
-            h.remove()
-    return pa.table({"layer": pa.array([layer for layer in range(len(counts)) for _ in range(n_experts)], pa.int64()),
+    """Tokens routed to each expert in each layer during one prefill (e1.model.routing.expert_load)."""
+    counts = expert_load(model, inp, 1)["prefill"]["counts"]
+    n_experts = len(counts[0])
+    return pa.table({"layer": pa.array([k for k in range(len(counts)) for _ in range(n_experts)], pa.int64()),
                      "expert": pa.array([e for _ in counts for e in range(n_experts)], pa.int64()),
-                     "tokens": pa.array([int(c[e]) for c in counts for e in range(n_experts)], pa.int64())})
+                     "tokens": pa.array([c[e] for c in counts for e in range(n_experts)], pa.int64())})
 
 
 def profile_config(spec: ProfileJob, out_trace: str | Path, out_json: str | Path,
@@ -89,7 +77,7 @@ def profile_config(spec: ProfileJob, out_trace: str | Path, out_json: str | Path
         "counts": {**layout.counts(), "prefill_tokens": int(inp.input_ids.shape[1])},
         "profiled_runs": runs, "profiled_wall_s": profiled_s,
         "component_source": "kernel names (graph replays)" if graphed else "profiler ranges",
-        "meta": job_meta(spec, arch, device, dtype, env),
+        "meta": job_meta(spec, model, device, dtype, env, prompt),
     }
     write_json(out_json, summary)
     log(f"{spec.id}: trace written to {out_trace} ({Path(out_trace).stat().st_size / 2**20:.1f} MiB)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from e1.jobs.io import ArtifactError, Record, write_json
-from e1.knobs import IMPL_KNOBS, WORK_KNOBS
+from e1.knobs import AXES, IMPL_KNOBS, WORK_KNOBS
 from e1.latency.table import read_latency
 from e1.model.arch import Arch, load_arch
 from e1.names import STAGES
@@ -24,12 +24,14 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CALIBRATE_RULE, FLOPCHECK_RULE, FLOPS_RULE = "calibrate", "flop_check", "flops_vs_latency"
 CONVENTION = (
     "one point per (configuration, stage); flops: e1.roofline.flops (2 per multiply-add, matrix products only); bytes: "
-    "e1.roofline.traffic (minimum device-memory traffic in the run's dtype); decode = all N-1 decode steps, FLOPs and "
+    "e1.roofline.traffic (minimum device-memory traffic in the run's dtype; prefill experts: those the run's routing "
+    "hit, from its measure job); decode = all N-1 decode steps, FLOPs and "
     "bytes summed over the steps with growing context (per_step: the mean step, measured per-step median); "
     "measured_ms: median of the timed runs; roofline_ms = max(flops / matmul peak, bytes / copy bandwidth), "
     "both measured by e1.roofline.calibrate (copy bandwidth counts read + write); efficiency = roofline_ms / measured_ms; "
     "fits: least squares of log10(measured_ms) on log10(x) over all points, R^2, and Spearman's rho (ties "
-    "averaged)"
+    "averaged); energy: the stage's J in one request (measure job's energy phase, e1.energy), gross and net of idle, "
+    "per GFLOP and per GB of the analytic counts"
 )
 
 
@@ -39,16 +41,31 @@ def roofline_ms(f: float, b: float, cal: dict[str, Any]) -> tuple[float, str]:
     return 1e3 * max(compute, memory), "compute" if compute >= memory else "memory"
 
 
-def stage_costs(arch: Arch, counts: dict[str, Any], decode_steps: int, dtype_bytes: int) -> dict[str, dict]:
-    """Analytic FLOPs and bytes per stage; decode summed over its steps (context grows by one per step)."""
+def stage_costs(arch: Arch, counts: dict[str, Any], decode_steps: int, dtype_bytes: int,
+                experts_hit_per_layer: list[int] | None = None) -> dict[str, dict]:
+    """Analytic FLOPs and bytes per stage; decode summed over its steps (context grows by one per step).
+    experts_hit_per_layer: the prefill's measured routing (None: the uniform-routing expectation)."""
     f = flops.stage_flops(arch, counts)
-    b = traffic.stage_bytes(arch, counts, dtype_bytes)
+    b = traffic.stage_bytes(arch, counts, dtype_bytes, experts_hit_per_layer)
     costs = {s: {"flops": f[s]["total"], "bytes": b[s]["total"]} for s in STAGES[:3]}
     t = counts["prefill_tokens"]
     step_f = [sum(flops.decode_step(arch, t + i).values()) for i in range(decode_steps)]
     step_b = [sum(traffic.decode_step(arch, t + i, dtype_bytes).values()) for i in range(decode_steps)]
     costs["decode"] = {"flops": sum(step_f), "bytes": sum(step_b)}
     return costs
+
+
+def point_energy(row: dict[str, Any], stage: str, f: float, b: float) -> dict[str, Any]:
+    """The stage's energy in one request (decode: all N-1 steps), gross and net of idle, per GFLOP and per GB."""
+    e = row.get("energy") or {}
+    if not e.get("measured") or stage not in e.get("stages", {}):
+        return {"measured": False, "reason": e.get("reason") or "not recorded by its measure job"}
+    times = row["decode_tokens"] - 1 if stage == "decode" else 1
+    out: dict[str, Any] = {"measured": True}
+    for kind in ("gross", "net"):
+        j = times * e["stages"][stage][f"{kind}_j_per_call"]["median"]
+        out[kind] = {"j": j, "j_per_gflop": j / (f / 1e9) if f else None, "j_per_gb": j / (b / 1e9) if b else None}
+    return out
 
 
 def points_of(row: dict[str, Any], meta: dict[str, Any], cal: dict[str, Any]) -> list[dict[str, Any]]:
@@ -58,7 +75,9 @@ def points_of(row: dict[str, Any], meta: dict[str, Any], cal: dict[str, Any]) ->
     if meta["dtype"] not in DTYPE_BYTES:
         raise ValueError(f"dtype {meta['dtype']!r}; allowed: {', '.join(DTYPE_BYTES)}")
     steps = int(row["decode_steps"])
-    costs = stage_costs(arch, row["counts"], steps, DTYPE_BYTES[meta["dtype"]])
+    prefill_load = (row.get("routing") or {}).get("prefill")
+    hit = [layer["experts_hit"] for layer in prefill_load["per_layer"]] if prefill_load else None
+    costs = stage_costs(arch, row["counts"], steps, DTYPE_BYTES[meta["dtype"]], hit)
     out = []
     for s in STAGES:
         if s == "decode" and steps == 0:
@@ -70,6 +89,7 @@ def points_of(row: dict[str, Any], meta: dict[str, Any], cal: dict[str, Any]) ->
              "decode_tokens": row["decode_tokens"], "prefill_tokens": row["counts"]["prefill_tokens"], "stage": s,
              "knobs": knobs, "flops": f, "bytes": b, "flops_per_byte": f / b, "measured_ms": ms,
              "roofline_ms": roof, "bound": bound, "efficiency": roof / ms if ms > 0 else None}
+        p["energy"] = point_energy(row, s, f, b)
         if s == "decode":
             step_roof, step_bound = roofline_ms(f / steps, b / steps, cal)
             step_ms = row["decode_step"]["median_ms"]
@@ -107,7 +127,7 @@ def equal_flops_spread(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(key, []).append(p)
     spread = []
     for (image, prompt, n, top_k, max_crops, stage), ps in groups.items():
-        impls = {tuple(p["knobs"][k] for k in IMPL_KNOBS) for p in ps}
+        impls = {tuple(p["knobs"].get(k, AXES[k].default) for k in IMPL_KNOBS) for p in ps}
         if len(impls) < 2:
             continue
         ms = [p["measured_ms"] for p in ps]
@@ -115,8 +135,8 @@ def equal_flops_spread(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         spread.append({"image": image, "prompt": prompt, "decode_tokens": n, "moe_top_k": top_k,
                        "max_crops": max_crops, "stage": stage, "flops": ps[0]["flops"], "n_rows": len(ps),
                        "min_ms": min(ms), "max_ms": max(ms), "ratio": max(ms) / min(ms) if min(ms) > 0 else None,
-                       "fastest": {k: fastest["knobs"][k] for k in IMPL_KNOBS},
-                       "slowest": {k: slowest["knobs"][k] for k in IMPL_KNOBS}})
+                       "fastest": {k: fastest["knobs"].get(k, AXES[k].default) for k in IMPL_KNOBS},
+                       "slowest": {k: slowest["knobs"].get(k, AXES[k].default) for k in IMPL_KNOBS}})
     return spread
 
 
