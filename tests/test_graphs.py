@@ -66,6 +66,19 @@ def test_eager_comparison_agrees_on_cpu(model, inp):
     assert out["logits_within_tolerance"] is True and out["logits_rtol"] == LOGIT_RTOL["float32"]
 
 
+def test_eager_comparison_with_balanced_routing(inp):
+    """The guard interleaves the graphs' request and an eager one on one model: with balanced routing each keeps
+    its own counters, so both are routed alike (one shared counter would route them differently)."""
+    from e1.model.routing import set_routing
+
+    m = build_model("molmoe-1b-tiny", device="cpu", dtype="float32")
+    set_routing(m, "balanced")
+    graphs = GraphedRequest(m, inp, 12)
+    out = compare_with_eager(timed_generate(m, inp, 12, graphs=graphs).tokens, m, inp, 12, graphs)
+    assert out["equal"] and out["teacher_forced"]["argmax_agree"] == 11
+    assert out["teacher_forced"]["max_logits_rel_diff"] < LOGIT_RTOL["float32"]
+
+
 @GPU
 @pytest.mark.parametrize("dtype,experts", [("bfloat16", "auto"), ("bfloat16", "grouped_mm"),
                                            ("bfloat16", "batched_mm"), ("float32", "batched_mm")])

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from e1.knobs import problem
 from e1.model.molmoe import _CACHE_KW, MolmoE
+from e1.model.routing import balance_counters
 from e1.model.stage_inputs import StageInputs
 
 STAGES = ("vision_encoder", "projector", "prefill", "decode")
@@ -200,12 +201,21 @@ def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInpu
     differs, how close eager's top two logits were (a near-tie flipped by rounding, or a real fault).
     """
     dtype = str(graphs.logits.dtype).removeprefix("torch.")
+    counters = balance_counters(model)  # balanced routing: each of the two interleaved requests keeps its own
+
+    def switch(to: list[torch.Tensor]) -> list[torch.Tensor]:
+        here = [c.clone() for c in counters]
+        for c, v in zip(counters, to):
+            c.copy_(v)
+        return here
+
     graphs.load(inp)
     graphs.vision()
     graphs.project()
     graphs.prefill()
     logits, cache = model.prefill(inp.input_ids, model.project(model.encode_images(inp.crops), inp.patch_masks),
                                   inp.feature_index, inp.token_position)
+    graph_counters = [c.clone() for c in counters]  # both prefills left the same counters
 
     def rel(eager: torch.Tensor) -> float:
         e = eager.float()
@@ -216,7 +226,9 @@ def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInpu
     eager, agree, worst, flips = [token], 0, 0.0, []
     for step in range(1, tokens):
         graphs.token.copy_(token)
+        eager_counters = switch(graph_counters)
         graphs.step()
+        graph_counters = switch(eager_counters)
         with model.decode_experts():
             logits, cache = model.decode_step(token, cache)
         token = logits.argmax(dim=-1, keepdim=True)

@@ -50,6 +50,13 @@ def set_routing(model: nn.Module, mode: str) -> None:
             layer.mlp.gate.register_forward_hook(_Balance(model.arch.llm["num_experts"], device))
 
 
+def balance_counters(model: nn.Module) -> list[torch.Tensor]:
+    """The balanced-routing counters of `model`'s routers (none under learned routing): code that interleaves
+    two requests on one model (the cuda_graph guard) keeps a copy per request."""
+    return [hook.offset for layer in model.llm.layers for hook in layer.mlp.gate._forward_hooks.values()
+            if isinstance(hook, _Balance)]
+
+
 def load_stats(counts: list[list[int]], top_k: int) -> dict[str, Any]:
     """Per layer: tokens per expert, max/mean, the busiest 8 experts' share, experts hit; and over layers."""
     layers = []
