@@ -2,9 +2,10 @@
 
 Per stage (vision encoder, projector, prefill, first decode step): analytic FLOPs, counted FLOPs, their
 ratio, the counted FLOPs by op, and the matrix-product ops that ran but that FlopCounterMode has no formula
-for (it counts them as zero: e.g. aten._grouped_mm, the MoE experts on the default path, and the CPU
-scaled-dot-product attention). The ops that ran are recorded by a TorchDispatchMode placed outside the
-counter, so it sees the ops the counter decomposes composite calls into.
+for (it counts them as zero: e.g. the CPU scaled-dot-product attention). aten._grouped_mm, the MoE experts
+on the default path, has no formula in torch; e1 gives the counter one (grouped_mm_flops). The ops that ran
+are recorded by a TorchDispatchMode placed outside the counter, so it sees the ops the counter decomposes
+composite calls into.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from e1.roofline import flops
 CONTRACTION = re.compile(r"mm|conv|attention|matmul|linear|einsum|dot")
 CONVENTION = ("analytic: e1.roofline.flops (2 per multiply-add, matrix products only, causal prefill attention, top-k "
               "experts); counted: torch.utils.flop_counter.FlopCounterMode on the same stage call; ratio = "
-              "analytic / counted; zero_counted_ops: matrix-product ops that ran (TorchDispatchMode) without a "
-              "FlopCounterMode formula, with their call counts")
+              "analytic / counted; aten._grouped_mm counted by e1's formula (2 x rows used x K x N); zero_counted_ops: "
+              "matrix-product ops that ran (TorchDispatchMode) without a FlopCounterMode formula, with their call "
+              "counts")
 
 
 class OpRecorder(TorchDispatchMode):
@@ -47,15 +49,37 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None, *args: Any,
+                     out_val: Any = None, **kwargs: Any) -> int:
+    """FLOPs of aten._grouped_mm (2 per multiply-add), from its tensors (offs says how many rows were used).
+
+    a (M, K) x b (G, K, N), offs (G,) = end row of each group: 2 * offs[-1] * K * N (rows past the last
+    offset are not computed); a (G, M, K) x b (G, K, N): 2 * G * M * K * N; a (M, K) x b (K, N) grouped
+    along K by offs: 2 * M * offs[-1] * N; a (G, M, K) x b (K, N) is grouped like the 3D x 3D case.
+    """
+    if a.dim() == 2 and b.dim() == 3:
+        rows = int(offs[-1]) if offs is not None else a.shape[0]
+        return 2 * rows * a.shape[1] * b.shape[2]
+    if a.dim() == 2 and b.dim() == 2:
+        depth = int(offs[-1]) if offs is not None else a.shape[1]
+        return 2 * a.shape[0] * depth * b.shape[1]
+    groups, m, k = a.shape
+    return 2 * groups * m * k * b.shape[-1]
+
+
+grouped_mm_flops._get_raw = True  # FlopCounterMode: pass the tensors (offs' values), not only their shapes
+COUNTED_BY_E1 = {torch.ops.aten._grouped_mm: grouped_mm_flops}
+
+
 def zero_counted(calls: Counter) -> dict[str, int]:
-    """Matrix-product ops among `calls` that FlopCounterMode has no formula for, with their call counts."""
+    """Matrix-product ops among `calls` that FlopCounterMode counts as zero (no formula), with call counts."""
     return {str(op): n for op, n in sorted(calls.items(), key=lambda kv: str(kv[0]))
-            if op not in flop_registry and CONTRACTION.search(str(op).removeprefix("aten."))}
+            if op not in flop_registry and op not in COUNTED_BY_E1 and CONTRACTION.search(str(op).removeprefix("aten."))}
 
 
 def count(fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
-    """Run fn under an op recorder and FlopCounterMode; returns fn's result and what was counted."""
-    with OpRecorder() as rec, FlopCounterMode(display=False) as fc:
+    """Run fn under an op recorder and FlopCounterMode (with e1's formulas); returns fn's result and the counts."""
+    with OpRecorder() as rec, FlopCounterMode(display=False, custom_mapping=COUNTED_BY_E1) as fc:
         out = fn()
     by_op = {str(op): int(n) for op, n in fc.get_flop_counts().get("Global", {}).items()}
     return out, {"counted": int(fc.get_total_flops()), "counted_by_op": by_op,
