@@ -233,8 +233,8 @@ def test_findings_written(wf, breakdown):
         assert f["verdict"] in ("holds", "does not hold", "mixed", "not measured")
     assert set(result["questions"]) == {"q1_dominant_stage", "q2_llm_components", "q3_regimes", "q4_flops",
                                         "q5_energy"}
-    assert result["questions"]["q5_energy"] == {"measured": False, "text": "not measured (not measured: device "
-                                                "'cpu' has no energy counter (NVIDIA GPUs only))"}
+    assert result["questions"]["q5_energy"] == {"measured": False, "text": "not measured (device 'cpu' has no "
+                                                "energy counter (NVIDIA GPUs only))"}
     assert "## Expert load" in md and "learned routing, prefill: busiest expert / mean" in md
 
 

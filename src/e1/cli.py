@@ -1,6 +1,7 @@
 """Command line: `e1 describe | check-config | image | measure | fidelity | stage-latency | plot-stack |
-stage-energy | plot-energy | plot-routing | profile | parse-trace | breakdown | plot-breakdown | calibrate | flop-check | flops-vs-latency | plot-flops |
-plot-scaling | findings`. The workflow's rules call these; model jobs read their spec from a file."""
+stage-energy | plot-energy | plot-routing | profile | parse-trace | breakdown | plot-breakdown | calibrate |
+flop-check | flops-vs-latency | plot-flops | plot-scaling | findings`. The workflow's rules call these; model
+jobs read their spec from a file."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from e1.names import STAGES
 def sensors_for(device: torch.device) -> tuple[GpuSensors | None, str]:
     """NVML sensors of the job's GPU (matched by UUID), or None and why (CPU, no driver, no counter)."""
     if device.type != "cuda":
-        return None, f"not measured: device {device.type!r} has no energy counter (NVIDIA GPUs only)"
+        return None, f"device {device.type!r} has no energy counter (NVIDIA GPUs only)"
     return open_sensors(str(torch.cuda.get_device_properties(device).uuid))
 
 
@@ -83,11 +83,11 @@ def job_energy(model: MolmoE, inp: StageInputs, n_new: int, graphs: GraphedReque
     if sensors is None:
         return not_measured(why)
     if not settings["repeats"]:
-        return not_measured("not measured: energy.repeats is 0 in config.yaml")
+        return not_measured("energy.repeats is 0 in config.yaml")
     device = next(model.parameters()).device
     period = update_period(sensors, duration_s=1.0)
     if period.get("reason"):
-        return not_measured(f"not measured: the energy counter did not update ({period['reason']})")
+        return not_measured(f"the energy counter did not update ({period['reason']})")
     log(f"energy counter updates every {period['median_ms']:.1f} ms (median of {period['intervals']} intervals; "
         f"one read {period['read_us']:.0f} µs)")
     calls = stage_calls(model, inp, n_new, graphs)

@@ -8,6 +8,7 @@ import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,10 @@ def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> 
     rows: list[tuple] = []
     tokens, experts = [], {}
     marks["runs_start"] = time.time()
+    during_timed = ExitStack()
     for run in range(-spec.warmup, spec.timed):
         if run == 0:
-            gpu_state.__enter__()  # sampled during the timed runs only
+            during_timed.enter_context(gpu_state)  # sampled during the timed runs only
         t_pre = time.perf_counter()
         inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)  # timed on the host, per run
         pre_ms = (time.perf_counter() - t_pre) * 1e3
@@ -129,7 +131,7 @@ def measure(spec: MeasureJob, out_parquet: str | Path, out_json: str | Path) -> 
         log(f"{'warm-up' if run < 0 else 'timed'} run {run if run >= 0 else run + spec.warmup}: "
             f"e2e {t.e2e_ms:.1f} ms (vision {t.stages_ms['vision_encoder']:.1f}, projector "
             f"{t.stages_ms['projector']:.1f}, prefill {t.stages_ms['prefill']:.1f}, decode {t.stages_ms['decode']:.1f})")
-    gpu_state.__exit__(None, None, None)
+    during_timed.close()
     marks["runs_end"] = time.time()
     after_future = pool.submit(jobenv.gpu_state, device.index or 0) if device.type == "cuda" else None
     load_after = hostload.snapshot()
