@@ -43,6 +43,7 @@ STUDY = [  # every study-level artifact: rule all rebuilds any that is lost
     *rules.stage_energy.output, *rules.plot_energy.output,
     *rules.breakdown.output, *rules.plot_breakdown.output,
     *rules.flops_vs_latency.output, *rules.plot_flops.output, *rules.plot_scaling.output, *rules.findings.output,
+    *(CROSS_OUTPUTS if CROSS_IN_ALL else []),  # the cross-model study, when its regime is in the run's grid
 ]
 
 

@@ -44,7 +44,9 @@ ENERGY_JSON = "results/e1_stage_energy.json"
 ENERGY_FIGURE = "figures/e1_stage_energy_plot.png"
 # what every change to the stage latency breakdown reruns downstream of it (besides the stack plot)
 AFTER_LATENCY = {"plot_routing": 1, "stage_energy": 1, "plot_energy": 1, "flops_vs_latency": 1, "plot_flops": 1,
-                 "plot_scaling": 1, "findings": 1}
+                 "plot_scaling": 1, "findings": 1, "cross_model": 1, "plot_cross_model": 1}
+# ... when no configuration of the cross-model regime (short prompt, N=4) changes
+AFTER_LATENCY_NOT_CROSS = {k: n for k, n in AFTER_LATENCY.items() if k not in ("cross_model", "plot_cross_model")}
 
 SMALL_GRID = Path(__file__).resolve().parent / "small_grid.yaml"
 TEST_CONFIG = yaml.safe_load(SMALL_GRID.read_text())
@@ -90,7 +92,7 @@ def measure_wildcards(output: str) -> list[str]:
     """Config ids of the measure jobs a dry run lists."""
     blocks = re.split(r"\n(?=\S*rule \w+:)", output)
     return sorted(f"{i}__{p}__n{n}__{v}" for b in blocks if re.match(r"\S*rule measure:", b.strip())
-                  for i, p, n, v in re.findall(r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+), variant=(\S+)", b))
+                  for i, p, n, v in re.findall(r"wildcards: (?:run=\S+, )?image=(\S+), prompt=(\S+), decode=(\d+), variant=(\S+)", b))
 
 
 def digest(path: Path) -> str:
@@ -333,11 +335,13 @@ def test_touch_plot_module_reruns_only_the_plot(wf, breakdown):
 @pytest.mark.parametrize("module, jobs", [
     ("plots/scaling.py", {"plot_scaling": 1}),
     ("findings.py", {"findings": 1}),
-    ("roofline/flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
+    # the cross-model table computes each stage's analytic FLOPs
+    ("roofline/flops.py", {"flop_check": 2, "flops_vs_latency": 1, "plot_flops": 1, "findings": 1, "cross_model": 1,
+                           "plot_cross_model": 1}),
     # imported by other modules only: the rules' code inputs follow the imports
     ("roofline/correlation.py", {"flops_vs_latency": 1, "plot_flops": 1, "findings": 1}),
     ("plots/common.py", {"plot_stack": 1, "plot_routing": 1, "plot_energy": 1, "plot_breakdown": 1, "plot_flops": 1,
-                         "plot_scaling": 1}),
+                         "plot_scaling": 1, "plot_cross_model": 1}),
 ])
 def test_touch_flops_modules_reruns_only_their_jobs(wf, breakdown, module, jobs):
     assert_package_unchanged(wf)
@@ -387,11 +391,11 @@ def test_changing_one_prompt_reruns_only_its_jobs(wf, breakdown):
     path = write_config(wf["dir"] / "config_long121.yaml", cfg)
     rc, out, _ = snakemake(wf["dir"], "-n", configfile=path)
     assert rc == 0, out[-3000:]
-    # the flop check runs with the first prompt (short) only
+    # the flop check runs with the first prompt (short) only; the cross-model study too
     assert job_counts(out) == {"prompt": 1, "measure": 4, "stage_latency": 1, "plot_stack": 1, "profile": 4,
-                               "parse_trace": 4, "breakdown": 1, "plot_breakdown": 1, **AFTER_LATENCY,
+                               "parse_trace": 4, "breakdown": 1, "plot_breakdown": 1, **AFTER_LATENCY_NOT_CROSS,
                                "all": 1}, out[-3000:]
-    assert "output: inputs/prompts/long.json" in out and "output: inputs/prompts/short.json" not in out
+    assert "output: inputs/prompts/molmoe-1b-tiny/long.json" in out and "output: inputs/prompts/molmoe-1b-tiny/short.json" not in out
     assert out.count("reason: Params have changed since last execution") == 1, out[-3000:]  # the prompt job
     assert measure_wildcards(out) == sorted(cid for cid in CONFIG_IDS if "__long__" in cid)
 
@@ -436,7 +440,7 @@ BAD_CONFIGS = {
     "decode-0": (_bad(lambda c: c.update(decode_tokens=[0])),
                  ["0 is less than the minimum of 1", "['decode_tokens']"]),
     "model-gpt2": (_bad(lambda c: c.update(model="gpt2")),
-                   ["'gpt2' is not one of ['auto', 'molmoe-1b', 'molmoe-1b-tiny']", "['model']"]),
+                   ["'gpt2' is not one of ['auto', 'molmoe-1b', 'molmoe-1b-tiny', 'llava-1.5-7b',", "['model']"]),
     "backend-graph": (_bad(lambda c: c.update(backend="graph")),
                       ["config: backend 'graph'; allowed: eager, cuda_graph"]),
     "top-k-text": (_bad(lambda c: c.update(moe_top_k="eight")),

@@ -123,7 +123,7 @@ def test_a_subset_of_the_grid_from_the_command_line(tmp_path):
     assert rc == 0, out[-3000:]
     measured = {b for b in re.split(r"\n(?=\S*rule \w+:)", out) if re.match(r"\S*rule measure:", b.strip())}
     planned = {m for b in measured for m in re.findall(
-        r"wildcards: image=(\S+), prompt=(\S+), decode=(\d+), variant=(\S+)", b)}
+        r"wildcards: (?:run=\S+, )?image=(\S+), prompt=(\S+), decode=(\d+), variant=(\S+)", b)}
     assert planned == {("336x336", "short", "16", f"sdpa.auto.eager.k{k}.c12.learned") for k in (1, 2)}, planned
     assert len(measured) == 2
     partial = tmp_path / "subset.yaml"
@@ -137,7 +137,7 @@ def test_two_snakemake_runs_in_one_directory_do_not_measure_at_once(tmp_path):
     """Defect 7: CPU measure jobs of two snakemake instances (disjoint targets, one directory) take turns."""
     targets = [f"results/{RUN}/measure/336x336__short__n{n}__{VARIANT}.json" for n in (2, 4)]
     specs = [f"results/{RUN}/specs/measure/336x336__short__n{n}__{VARIANT}.json" for n in (2, 4)]
-    rc, out = snakemake(tmp_path, "inputs/images/336x336.png", "inputs/prompts/short.json", *specs)
+    rc, out = snakemake(tmp_path, "inputs/images/336x336.png", "inputs/prompts/molmoe-1b-tiny/short.json", *specs)
     assert rc == 0, out[-3000:]
     env = {"E1_CPU_LOCK_DIR": str(tmp_path / "cpu-locks")}
     results: dict[str, tuple[int, str]] = {}

@@ -1,5 +1,5 @@
 """Command line: `e1 describe | check-config | image | measure | fidelity | stage-latency | plot-stack |
-stage-energy | plot-energy | plot-routing | profile | parse-trace | breakdown | plot-breakdown | calibrate |
+stage-energy | plot-energy | plot-routing | cross-model | plot-cross-model | profile | parse-trace | breakdown | plot-breakdown | calibrate |
 flop-check | flops-vs-latency | plot-flops | plot-scaling | findings`. The workflow's rules call these; model
 jobs read their spec from a file."""
 
@@ -92,6 +92,18 @@ def _plot_energy(a: argparse.Namespace) -> None:
     plot_energy(a.energy, a.out)
 
 
+def _cross_model(a: argparse.Namespace) -> None:
+    from e1.crossmodel import cross_model
+
+    cross_model(a.summaries, a.out)
+
+
+def _plot_cross_model(a: argparse.Namespace) -> None:
+    from e1.plots.cross_model import plot_cross_model
+
+    plot_cross_model(a.table, a.out)
+
+
 def _plot_routing(a: argparse.Namespace) -> None:
     from e1.plots.routing import plot_routing
 
@@ -146,7 +158,7 @@ def _plot_scaling(a: argparse.Namespace) -> None:
 def _findings(a: argparse.Namespace) -> None:
     from e1.findings import findings
 
-    findings(a.latency, a.flops, a.components, a.fidelity, a.out_md, a.out_json, a.energy)
+    findings(a.latency, a.flops, a.components, a.fidelity, a.out_md, a.out_json, a.energy, a.cross_model)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -198,6 +210,16 @@ def parser() -> argparse.ArgumentParser:
     pe.add_argument("--energy", required=True, help="e1_stage_energy.json")
     pe.add_argument("--out", required=True)
     pe.set_defaults(func=_plot_energy)
+
+    cm = sub.add_parser("cross-model", help="every model's stages and analytic FLOPs at one regime (JSON)")
+    cm.add_argument("--out", required=True)
+    cm.add_argument("summaries", nargs="+", help="measure summaries (JSON) of every model")
+    cm.set_defaults(func=_cross_model)
+
+    pc = sub.add_parser("plot-cross-model", help="stages per model, and latency against FLOPs across models")
+    pc.add_argument("--table", required=True, help="e1_cross_model.json")
+    pc.add_argument("--out", required=True)
+    pc.set_defaults(func=_plot_cross_model)
 
     rt = sub.add_parser("plot-routing", help="expert load per configuration, learned against balanced routing")
     rt.add_argument("--latency", required=True, help="e1_stage_latency_breakdown.json")
@@ -272,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     fd.add_argument("--energy", required=True, help="e1_stage_energy.json")
     fd.add_argument("--components", nargs="?", help="e1_attention_ffn_breakdown.json (absent: nothing profiled)")
     fd.add_argument("--fidelity", nargs="*", default=[], help="fidelity JSONs (e1 against generate())")
+    fd.add_argument("--cross-model", help="e1_cross_model.json (absent: no comparison across models)")
     fd.add_argument("--out-md", required=True)
     fd.add_argument("--out-json", required=True)
     fd.set_defaults(func=_findings)

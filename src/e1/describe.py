@@ -7,7 +7,8 @@ from typing import Any
 from e1.roofline import flops, traffic
 from e1.model.arch import Arch, load_arch
 from e1.inputs.images import parse_size
-from e1.model.preprocess import TEMPLATE_TOKENS, check_context, layout_for
+from e1.model.preprocess import TEMPLATE_TOKENS, check_context
+from e1.vlm.families import layout_for, prefill_tokens
 
 
 def param_counts(arch: Arch) -> dict[str, int]:
@@ -28,14 +29,14 @@ def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1,
     w, h = parse_size(image)
     layout = layout_for(arch, w, h)
     text_tokens = TEMPLATE_TOKENS + prompt_tokens
-    prefill = 1 + layout.image_tokens + text_tokens
+    prefill = prefill_tokens(arch, w, h, text_tokens)
     check_context(arch, prefill, decode_tokens)
-    counts = {"vit_crops": layout.vit_crops, "pooled_features": layout.pooled_features, "prefill_tokens": prefill}
+    counts = {**layout.counts(), "prefill_tokens": prefill}
     return {
         "model": arch.name,
         "image": f"{w}x{h}",
-        "moe_top_k": arch.llm["top_k"],
-        "max_crops": arch.preprocess["max_crops"],
+        "moe_top_k": arch.llm.get("top_k", 0),
+        "max_crops": arch.preprocess.get("max_crops", 1),
         "params": param_counts(arch),
         "vision": layout.counts(),
         "prompt_tokens": prompt_tokens,
@@ -45,7 +46,8 @@ def describe(model: str, image: str, prompt_tokens: int, decode_tokens: int = 1,
         "flops": flops.stage_flops(arch, counts),
         "bytes": traffic.stage_bytes(arch, counts, dtype_bytes=2),
         "convention": "N new tokens = 1 prefill forward (yields token 1) + N-1 decode steps; "
-        "text tokens = prompt + 4 template tokens (' User', ':', ' Assistant', ':'); prefill adds BOS; "
+        "text tokens = prompt + 4 template tokens (' User', ':', ' Assistant', ':'); prefill adds BOS (MolmoE, "
+        "LLaVA); "
         "flops: analytic, 2 per multiply-add, matrix products only (see e1.roofline.flops); bytes: analytic minimum "
         "device-memory traffic in bfloat16, uniform-routing expectation for prefill experts (see e1.roofline.traffic)",
     }
@@ -55,11 +57,13 @@ def render_table(d: dict[str, Any]) -> str:
     """Readable text version of `describe`'s result."""
     p, v = d["params"], d["vision"]
     rows = [
-        ("model", f"{d['model']} (top-{d['moe_top_k']} experts, max {d['max_crops']} crops)"),
+        ("model", f"{d['model']} (" + (f"top-{d['moe_top_k']} experts" if d["moe_top_k"] else "dense LLM")
+         + f", max {d['max_crops']} crops)"),
         ("image (WxH)", f"{d['image']} -> resized {v['resized'][0]}x{v['resized'][1]}"
          + (" (downscaled: larger than max_crops tiles allow)" if v["downscaled"] else "")),
         ("tiling (rows x cols)", f"{v['tiling'][0]} x {v['tiling'][1]}"),
-        ("vision encoder", f"{v['vit_crops']} crops (tiles + 1 global), {v['vit_tokens']} ViT tokens"),
+        ("vision encoder", f"{v['vit_crops']} crops" + (" (tiles + 1 global)" if v["vit_crops"] > 1 else "")
+         + f", {v['vit_tokens']} ViT tokens"),
         ("projector", f"{v['pooled_features']} pooled features computed"),
         ("prefill", f"{v['inserted_features']} features inserted, {v['image_tokens']} image tokens, "
          f"{d['text_tokens']} text tokens, {d['prefill_tokens']} prefill tokens"),

@@ -10,8 +10,9 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable
 
+from e1.crossmodel import CROSS_RULE
 from e1.energy.table import read_energy
-from e1.jobs.io import write_json, write_text
+from e1.jobs.io import read_json, write_json, write_text
 from e1.latency.table import read_fidelity, read_latency, routing_pairs
 from e1.names import GROUP_NAMES as GROUPS
 from e1.names import STAGES
@@ -321,6 +322,33 @@ def energy_vs_time(energy: dict[str, Any], configs: list[dict]) -> dict[str, Any
     return {"measured": True, "text": text, "differ": differ, "items": items}
 
 
+def across_models(table: dict[str, Any] | None) -> dict[str, Any]:
+    """The cross-model comparison (rule cross_model): per backend, each model's dominant stage and median decode
+    step, and how often more FLOPs ran in less time."""
+    if table is None:
+        return {"measured": False, "text": "not part of this run (no cross-model table)"}
+    rows, inv = table["configs"], table["inversions"]
+    parts = []
+    for backend in sorted({r["backend"] for r in rows}):
+        per = []
+        for m in table["meta"]["models"]:
+            mine = [r for r in rows if r["model"] == m and r["backend"] == backend]
+            if not mine:
+                continue
+            dom = {max(STAGES, key=lambda s: r["ms"][s]) for r in mine}
+            steps = [r["decode_step_ms"] for r in mine if r["decode_step_ms"] is not None]
+            share = [r["share"]["decode"] for r in mine]
+            per.append(f"{m}: {'/'.join(sorted(dom))} dominates (decode {_range(share)} of the four stages), "
+                       f"decode step {min(steps):.2f}–{max(steps):.2f} ms" if steps else "")
+        n_inv = sum(1 for i in inv if i["backend"] == backend)
+        pairs = sum(1 for _ in rows if _["backend"] == backend)
+        parts.append(f"backend {backend}: " + "; ".join(per) + f"; {n_inv} (stage, image, model pair) cases where "
+                     f"the model with more FLOPs ran faster, over {pairs} configurations")
+    text = (f"{', '.join(table['meta']['models'])} on {table['meta']['device']} ({table['meta']['dtype']}, "
+            f"{'/'.join(table['meta']['weights'])} weights): " + " | ".join(parts))
+    return {"measured": True, "text": text, "inversions": len(inv)}
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = ["# E1 findings", "",
@@ -329,8 +357,9 @@ def render(result: dict[str, Any]) -> str:
              f"torch {m['torch']}; {m['protocol']['timed']} timed runs after {m['protocol']['warmup']} warm-up, "
              f"batch size 1. Knobs (all configurations pooled): {'; '.join(m['knobs'])}.", "",
              "Conventions: " + "; ".join(m["conventions"].values()), ""]
-    if m["model"] != "molmoe-1b":
-        lines += [f"**{m['model']} is a scaled-down stand-in: these numbers are not MolmoE-1B's.**", ""]
+    if m["model"].endswith("-tiny"):
+        lines += [f"**{m['model']} is a scaled-down stand-in: these numbers are not "
+                  f"{m['model'].removesuffix('-tiny')}'s.**", ""]
     lines += ["## Key questions", ""]
     titles = ("Which stages dominate end-to-end latency?", "Within the LLM stages, which sub-components dominate?",
               "How does stage dominance change across input regimes?", "Why do FLOPs not predict latency?",
@@ -345,6 +374,7 @@ def render(result: dict[str, Any]) -> str:
               f"- e1 against transformers' generate(): {result['fidelity']['text']}.",
               f"- The study's own cost: {result['job_cost_text']}.", ""]
     lines += ["## Expert load", "", f"{result['expert_load']['text']}.", ""]
+    lines += ["## Across models", "", f"{result['across_models']['text']}.", ""]
     flagged = result["flagged_configurations"]
     lines += ["## Measurements to doubt", "", f"Rule: {m['flag_rule']}.", ""]
     lines += [f"- {cid}: {'; '.join(why)}" for cid, why in flagged.items()] or ["- none"]
@@ -365,7 +395,7 @@ def job_cost_text(cost: dict[str, Any] | None) -> str:
 
 def findings(latency_json: str | Path, flops_json: str | Path, components_json: str | Path | None,
              fidelity_jsons: list[str | Path], out_md: str | Path, out_json: str | Path,
-             energy_json: str | Path) -> dict[str, Any]:
+             energy_json: str | Path, cross_model_json: str | Path | None = None) -> dict[str, Any]:
     """Answer the questions and judge the expectations; write Markdown and JSON.
 
     components_json None: nothing was profiled (e.g. every variant decodes with CUDA graphs); the component
@@ -398,6 +428,7 @@ def findings(latency_json: str | Path, flops_json: str | Path, components_json: 
         "expert_load": expert_load(configs),
         "fidelity": fidelity_check([read_fidelity(f) for f in fidelity_jsons]),
         "job_cost_text": job_cost_text(meta.get("job_cost")),
+        "across_models": across_models(read_json(cross_model_json, CROSS_RULE) if cross_model_json else None),
     }
     write_json(out_json, result)
     write_text(out_md, render(result) + "\n")

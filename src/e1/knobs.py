@@ -53,6 +53,23 @@ GRAPH_ATTN = ("sdpa", "eager")  # flash_attention_2 takes no additive mask over 
 GRAPH_EXPERTS = ("auto", "grouped_mm", "batched_mm")  # transformers' eager experts loop syncs with the host
 
 
+NOT_APPLICABLE = {"moe_top_k": 0, "max_crops": 1}  # what a resolved knob reads where it does not apply
+
+
+def applies(key: str, arch: Arch) -> bool:
+    """Whether knob `key` means anything for `arch`: the MoE knobs need routed experts, max_crops Molmo's tiling
+    (e1.vlm.families). A knob that does not apply stays at its default (a dense model's top-k reads k0, a model
+    without tiling c1: one image, whole)."""
+    from e1.vlm.families import family
+
+    fam = family(arch)
+    if key in ("moe_top_k", "moe_routing", "experts_implementation"):
+        return fam.moe
+    if key == "max_crops":
+        return fam.crops
+    return True
+
+
 def _int_range(key: str, arch: Arch) -> tuple[int, int]:
     return (1, arch.llm["num_experts"]) if key == "moe_top_k" else (1, MAX_CROPS)
 
@@ -82,13 +99,40 @@ def resolve(values: Mapping[str, Any], arch: Arch) -> dict[str, Any]:
     knobs = {}
     for key, axis in AXES.items():
         value = values.get(key, axis.default)
-        check_value(key, value, arch)
+        if not applies(key, arch):
+            if value not in (axis.default, NOT_APPLICABLE.get(key)):
+                raise ValueError(f"{key} {value!r}: {arch.name} has {_missing(key)}; leave it at "
+                                 f"{axis.default if axis.default is not None else 'null'}")
+        else:
+            check_value(key, value, arch)
         knobs[key] = value
+    for key, na in NOT_APPLICABLE.items():
+        if not applies(key, arch):
+            knobs[key] = na
     if knobs["moe_top_k"] is None:
         knobs["moe_top_k"] = arch.llm["top_k"]
     if knobs["max_crops"] is None:
         knobs["max_crops"] = arch.preprocess["max_crops"]
     return knobs
+
+
+def _missing(key: str) -> str:
+    return "no tiling (one image, whole)" if key == "max_crops" else "a dense LLM (no experts)"
+
+
+def applicable(config: Mapping[str, Any], arch: Arch) -> tuple[dict[str, Any], list[str]]:
+    """The configured knob values with those that do not apply to `arch` set to their default, and a note for
+    each configured value so dropped."""
+    kept, notes = {}, []
+    for key, axis in AXES.items():
+        value = config.get(key, axis.default)
+        values = value if isinstance(value, list) else [value]
+        if applies(key, arch) or all(v == axis.default for v in values):
+            kept[key] = value
+        else:
+            kept[key] = axis.default
+            notes.append(f"{arch.name}: {key} {value!r} left out: {arch.name} has {_missing(key)}")
+    return kept, notes
 
 
 def problem(knobs: Mapping[str, Any], device_type: str, dtype: str) -> str | None:
@@ -120,15 +164,15 @@ def variant_name(knobs: Mapping[str, Any]) -> str:
 
 def grid(config: Mapping[str, Any], arch: Arch, device_type: str, dtype: str
          ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Every combination of the configured knob values (each one value or a list).
+    """Every combination of the configured knob values (each one value or a list) that apply to `arch`.
 
     Returns ({variant name: knobs} that can run, ["<variant>: why not", ...] that cannot). A bad value is an
     error naming the knob; a grid where nothing can run is an error listing why.
     """
+    config, left_out = applicable(config, arch)
     lists = {k: (v if isinstance(v, list) else [v]) for k, v in
              ((key, config.get(key, axis.default)) for key, axis in AXES.items())}
     variants: dict[str, dict[str, Any]] = {}
-    left_out: list[str] = []
     for combo in itertools.product(*lists.values()):
         knobs = resolve(dict(zip(lists, combo)), arch)
         why = problem(knobs, device_type, dtype)

@@ -13,6 +13,7 @@ RUN_RANGE, STAGE_RANGE, COMP_RANGE = "e1.run:", "e1.stage:", "e1.comp:"
 GROUPS = {
     "attention": "attention",  # q/k/v/o projections, QK-norm, RoPE, scaled dot-product, KV cache update
     "moe_experts": "FFN / MoE experts",
+    "ffn": "FFN / MoE experts",  # a dense LLM's MLP
     "moe_router": "MoE router",
     "norm": "other", "embedding": "other", "lm_head": "other", "sampling": "other", "other": "other",
 }

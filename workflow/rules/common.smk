@@ -3,6 +3,7 @@
 # architecture, Molmo's token counts and the prompt records come from the package, written once.
 import ast
 import os
+import re
 import sys
 
 SRC = REPO / "src"
@@ -19,7 +20,7 @@ from e1.jobs import nvsmi  # noqa: E402
 from e1.jobs import spec as jobspec  # noqa: E402
 from e1.jobs.io import write_json  # noqa: E402
 from e1.model.arch import load_arch  # noqa: E402
-from e1.model.preprocess import layout_for  # noqa: E402
+from e1.vlm.families import FAMILIES, layout_for, prefill_tokens  # noqa: E402
 
 
 def e1_command():
@@ -45,16 +46,33 @@ DEVICE = detect_device() if config["device"] == "auto" else config["device"]
 ON_GPU = DEVICE.startswith("cuda")
 MODEL = config["model"] if config["model"] != "auto" else ("molmoe-1b" if ON_GPU else "molmoe-1b-tiny")
 DTYPE = config["dtype"] if config["dtype"] != "auto" else ("bfloat16" if ON_GPU else "float32")
-RUN = f"{MODEL}_{DEVICE.replace(':', '')}_{DTYPE}"  # results/<RUN>/: CPU and GPU results never mix
-ARCH = load_arch(MODEL)
+def run_of(model):
+    """results/<model>_<device>_<dtype>/: CPU and GPU results, and models, never mix."""
+    return f"{model}_{DEVICE.replace(':', '')}_{DTYPE}"
+
+
+RUN = run_of(MODEL)
+try:
+    ARCH = load_arch(MODEL)
+    # The cross-model study (rule cross_model): every model of `models` at the cross_model regime.
+    FULL_MODELS = ["molmoe-1b", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-30b-a3b"]
+    MODELS = {"auto": [m if ON_GPU else f"{m}-tiny" for m in FULL_MODELS], "model": [MODEL]}.get(
+        config.get("models", "auto"), config.get("models"))
+    ARCHS = {m: load_arch(m) for m in dict.fromkeys([MODEL, *MODELS])}
+except ValueError as e:
+    raise WorkflowError(f"config: {e}") from None
+MODEL_OF_RUN = {run_of(m): m for m in ARCHS}
 
 # --- the grid ------------------------------------------------------------------------------------------
 # Sweep axes (each one value or a list; e1/knobs.py): every combination is a variant, carried into every
 # artifact. Impossible combinations are left out and named; a run where none is possible is an error.
 try:
-    VARIANTS, LEFT_OUT = knobs.grid(config, ARCH, "cuda" if ON_GPU else "cpu", DTYPE)
+    GRIDS = {m: knobs.grid(config, a, "cuda" if ON_GPU else "cpu", DTYPE) for m, a in ARCHS.items()}
 except ValueError as e:
     raise WorkflowError(f"config: {e}") from None
+VARIANTS_OF = {m: g[0] for m, g in GRIDS.items()}
+VARIANTS = VARIANTS_OF[MODEL]
+LEFT_OUT = sorted({note for _variants, notes in GRIDS.values() for note in notes})
 if LEFT_OUT:
     print(f"e1: {len(LEFT_OUT)} variant(s) left out:\n  " + "\n  ".join(LEFT_OUT), file=sys.stderr)
 
@@ -67,13 +85,33 @@ PROMPTS = {name: p for name, p in config["prompts"].items()
 # The prompt records (token ids), made while planning: a text edit that leaves the ids equal reruns nothing.
 try:
     TOKENIZER = resolve_tokenizer(config.get("tokenizer", "auto"), config["weights"])
-    PROMPT_RECORDS = {name: make_prompt(ARCH, name, p["tokens"], p.get("text"), TOKENIZER, config["seed"])
-                      for name, p in PROMPTS.items()}
+    PROMPT_RECORDS = {m: {name: make_prompt(a, name, p["tokens"], p.get("text"), TOKENIZER if m == MODEL else None,
+                                            config["seed"]) for name, p in PROMPTS.items()} for m, a in ARCHS.items()}
 except ValueError as e:
     raise WorkflowError(f"config: {e}") from None
 
-CONFIGS = [{"image": image, "prompt": prompt, "decode": n, "variant": variant}
+CONFIGS = [{"run": RUN, "model": MODEL, "image": image, "prompt": prompt, "decode": n, "variant": variant}
            for image in config["images"] for prompt in PROMPTS for n in config["decode_tokens"] for variant in VARIANTS]
+CROSS = config.get("cross_model") or {"prompt": next(iter(config["prompts"])), "decode_tokens": 64}
+CROSS_CONFIGS = [{"run": run_of(m), "model": m, "image": image, "prompt": CROSS["prompt"],
+                  "decode": CROSS["decode_tokens"], "variant": v}
+                 for m in MODELS for image in config["images"] for v in VARIANTS_OF[m]] if CROSS["prompt"] in PROMPTS else []
+
+
+# rule all (and the findings) take the cross-model study when its regime is part of the run's grid
+CROSS_IN_ALL = bool(CROSS_CONFIGS) and CROSS["decode_tokens"] in config["decode_tokens"]
+if not CROSS_IN_ALL:
+    print(f"e1: rule all leaves out the cross-model study: its regime (prompt {CROSS['prompt']!r}, N = "
+          f"{CROSS['decode_tokens']}) is not in this run's prompts and decode_tokens; target "
+          "figures/e1_cross_model.png to run it", file=sys.stderr)
+
+
+def cross_summaries(wildcards):
+    """The measure summaries of the cross-model study (rule cross_model's input)."""
+    if not CROSS_CONFIGS:
+        raise WorkflowError(f"config: cross_model.prompt {CROSS['prompt']!r} is not among the run's prompts "
+                            f"({', '.join(PROMPTS)}); select it (select_prompts) or name another")
+    return per_config(rules.measure.output.summary, CROSS_CONFIGS)
 CONFIG = "{image}__{prompt}__n{decode}__{variant}"  # one configuration's file stem
 # Every configuration is profiled; graph replays show no module ranges, so their components come from
 # kernel names learned on the run's eager profiles (e1/profile/breakdown.py).
@@ -81,21 +119,24 @@ PROFILED = CONFIGS
 
 
 def check_contexts():
-    """Refuse, before any job runs, a configuration whose sequence does not fit the LLM's context."""
-    limit = ARCH.llm["max_position_embeddings"]
-    bad = []
-    for c in [*CONFIGS, *FIDELITY]:
+    """Refuse, before any job runs, a configuration whose sequence does not fit its LLM's context."""
+    bad = {}
+    for c in [*CONFIGS, *FIDELITY, *CROSS_CONFIGS]:
+        m = c.get("model", MODEL)
         w, h = parse_size(c["image"])
-        crops = VARIANTS[c["variant"]]["max_crops"]
-        image_tokens = layout_for(ARCH.with_knobs(max_crops=crops), w, h).image_tokens
-        total = 1 + image_tokens + PROMPT_RECORDS[c["prompt"]]["text_tokens"] + c["decode"] - 1
-        if total > limit:
-            bad.append(f"{CONFIG.format(**c)}: {total} tokens (1 BOS + {image_tokens} image + "
-                       f"{PROMPT_RECORDS[c['prompt']]['text_tokens']} text + {c['decode'] - 1} decoded)")
+        arch = ARCHS[m].with_knobs(max_crops=VARIANTS_OF[m][c["variant"]]["max_crops"])
+        text = PROMPT_RECORDS[m][c["prompt"]]["text_tokens"]
+        prefill = prefill_tokens(arch, w, h, text)
+        image, bos = layout_for(arch, w, h).image_tokens, prefill - text - layout_for(arch, w, h).image_tokens
+        total = prefill + c["decode"] - 1
+        if total > arch.llm["max_position_embeddings"]:
+            bad.setdefault(m, []).append(f"{CONFIG.format(**c)}: {total} tokens ({bos} BOS + {image} image + {text} "
+                                         f"text + {c['decode'] - 1} decoded)")
     if bad:
-        raise WorkflowError(f"{len(bad)} configuration(s) exceed the {limit}-token context of {MODEL}:\n  "
-                            + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
-                            + "\nreduce images (or max_crops), prompts.<name>.tokens or decode_tokens")
+        raise WorkflowError("\n".join(
+            f"{len(b)} configuration(s) exceed the {ARCHS[m].llm['max_position_embeddings']}-token context of {m}:\n  "
+            + "\n  ".join(b[:10]) + ("\n  ..." if len(b) > 10 else "") for m, b in bad.items())
+            + "\nreduce images (or max_crops), prompts.<name>.tokens or decode_tokens")
 
 
 wildcard_constraints:
@@ -104,6 +145,8 @@ wildcard_constraints:
     decode=r"[0-9]+",
     variant=r"[a-z0-9_]+\.[a-z0-9_]+\.(eager|cuda_graph)\.k[0-9]+\.c[0-9]+\.(learned|balanced)",
     kind="|".join(jobspec.KINDS),
+    run="|".join(re.escape(r) for r in MODEL_OF_RUN),
+    model="|".join(re.escape(m) for m in ARCHS),
 
 
 def per_config(pattern, configs):
@@ -113,7 +156,7 @@ def per_config(pattern, configs):
 
 # --- code dependencies ---------------------------------------------------------------------------------
 
-def code(*entries):
+def code(*entries, arch=True):
     """The package modules a rule's command runs: the entry modules and every e1 module they import,
     transitively (read from their import statements, also those inside functions, not those under
     `if TYPE_CHECKING:`; nothing is imported here), plus the model's architecture file when e1.model.arch is
@@ -142,41 +185,60 @@ def code(*entries):
                 rel = Path(*name.split(".")[1:])
                 if rel.parts and (src / f"{rel}.py").is_file():
                     todo.append(src / f"{rel}.py")
-    if src / "model" / "arch.py" in seen:
+    if arch and src / "model" / "arch.py" in seen:
         seen.add(src / "model" / "archs" / f"{MODEL}.json")
     return sorted(str(f) for f in seen)
 
 
 # --- job specs (rule spec writes them; e1/jobs/spec.py defines their fields) ----------------------------
-SPEC = f"results/{RUN}/specs/{{kind}}/{{stem}}.json"
+SPEC = "results/{run}/specs/{kind}/{stem}.json"
 FIRST_PROMPT = next(iter(PROMPTS))  # the flop check runs once per image and variant, with the first prompt
 # FlopCounterMode sees eager decode only (a graph replay hides its ops): one check per eager-decode variant.
 FLOPCHECK_VARIANTS = {knobs.variant_name(k): k for k in ({**v, "backend": "eager"} for v in VARIANTS.values())}
 
 
 # The generate() check runs eagerly: one per image and eager variant, first prompt, fidelity.decode_tokens.
-FIDELITY = [{"image": image, "prompt": FIRST_PROMPT, "decode": config["fidelity"]["decode_tokens"], "variant": v}
+FIDELITY = [{"run": RUN, "image": image, "prompt": FIRST_PROMPT, "decode": config["fidelity"]["decode_tokens"], "variant": v}
             for image in config["images"] for v, k in VARIANTS.items() if k["backend"] == "eager"]
 
 
 check_contexts()
 
 
-def spec_input(kind, stem):
-    """The spec file of a job of `kind` (a rule's input)."""
-    return SPEC.replace("{kind}", kind).replace("{stem}", stem)
+def spec_input(kind, stem, run=RUN):
+    """The spec file of a job of `kind` (a rule's input); run="{run}" leaves the run a wildcard."""
+    return SPEC.replace("{kind}", kind).replace("{stem}", stem).replace("{run}", run)
 
 
-def _model_job(stem, image, prompt, variant, variants=VARIANTS):
-    return dict(id=stem, model=MODEL, device=DEVICE, dtype=DTYPE, weights=config["weights"], seed=config["seed"],
+def model_files(model):
+    """The model-specific inputs of a job of `model`: its family's adapter modules (and what they import) and its
+    architecture file, so editing one model's adapter reruns only that model's jobs."""
+    arch = ARCHS[model]
+    return [*code(*FAMILIES[arch.family].code, arch=False), str(SRC / "e1" / "model" / "archs" / f"{arch.name}.json")]
+
+
+def model_code(wildcards):
+    """model_files of the model of run {run}."""
+    return model_files(MODEL_OF_RUN[wildcards.run])
+
+
+def prompt_file(wildcards):
+    """The prompt record of {prompt} for the model of run {run}."""
+    return rules.prompt.output[0].format(model=MODEL_OF_RUN[wildcards.run], prompt=wildcards.prompt)
+
+
+def _model_job(stem, image, prompt, variant, variants=None, model=MODEL):
+    variants = variants if variants is not None else VARIANTS_OF[model]
+    return dict(id=stem, model=model, device=DEVICE, dtype=DTYPE,
+                weights=config["weights"] if model == MODEL else "random", seed=config["seed"],
                 variant=variant, knobs=variants[variant], image=image,
                 image_path=rules.image.output[0].format(image=image), prompt=prompt,
-                prompt_path=rules.prompt.output[0].format(prompt=prompt))
+                prompt_path=rules.prompt.output[0].format(model=model, prompt=prompt))
 
 
 def job_spec(wildcards):
     """The spec of the job whose spec file is {kind}/{stem}.json: one dict per job, all it needs to run."""
-    kind, stem = wildcards.kind, wildcards.stem
+    kind, stem, model = wildcards.kind, wildcards.stem, MODEL_OF_RUN[wildcards.run]
     if kind == "calibrate":
         return jobspec.to_dict(jobspec.CalibrateJob(device=DEVICE, dtype=DTYPE))
     parts = stem.split("__")
@@ -184,7 +246,7 @@ def job_spec(wildcards):
         image, prompt, variant = parts
         return jobspec.to_dict(jobspec.FlopCheckJob(**_model_job(stem, image, prompt, variant, FLOPCHECK_VARIANTS)))
     image, prompt, decode, variant = parts
-    base = _model_job(stem, image, prompt, variant)
+    base = _model_job(stem, image, prompt, variant, model=model)
     if kind == "measure":
         return jobspec.to_dict(jobspec.MeasureJob(**base, decode_tokens=int(decode[1:]),
                                                   warmup=config["protocol"]["warmup"], timed=config["protocol"]["timed"],
@@ -198,7 +260,7 @@ def job_spec(wildcards):
 
 
 def prompt_record(wildcards):
-    return PROMPT_RECORDS[wildcards.prompt]
+    return PROMPT_RECORDS[wildcards.model][wildcards.prompt]
 
 
 def reported(path, caption, category):

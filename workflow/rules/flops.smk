@@ -24,7 +24,8 @@ rule flop_check:
     input:
         spec=spec_input("flop_check", "{image}__{prompt}__{variant}"),
         image=rules.image.output[0],
-        prompt=rules.prompt.output[0],
+        prompt=f"inputs/prompts/{MODEL}/{{prompt}}.json",
+        model=model_files(MODEL),
         code=code("roofline/flopcheck.py", "jobs/claims.py"),
     output:
         f"results/{RUN}/flopcheck/{{image}}__{{prompt}}__{{variant}}.json",
@@ -93,13 +94,16 @@ rule findings:
         energy=rules.stage_energy.output[0],
         components=rules.breakdown.output,
         fidelity=per_config(rules.fidelity.output[0], FIDELITY),
+        cross=rules.cross_model.output if CROSS_IN_ALL else [],
         code=code("findings.py"),
     output:
         md="results/e1_findings.md",
         json="results/e1_findings.json",
+    params:
+        cross=f"--cross-model {rules.cross_model.output[0]}" if CROSS_IN_ALL else "",
     log:
         "logs/findings.log",
     shell:
         "{E1} {log} findings --latency {input.latency} --flops {input.flops} --energy {input.energy}"
         " --components {input.components}"
-        " --fidelity {input.fidelity} --out-md {output.md} --out-json {output.json}"
+        " --fidelity {input.fidelity} {params.cross} --out-md {output.md} --out-json {output.json}"

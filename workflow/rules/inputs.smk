@@ -20,11 +20,11 @@ rule prompt:
     # The record (token ids and counts) is made while planning (e1.inputs.prompts): the job only writes it.
     localrule: True
     output:
-        "inputs/prompts/{prompt}.json",
+        "inputs/prompts/{model}/{prompt}.json",
     params:
         record=prompt_record,
     log:
-        "logs/inputs/prompt_{prompt}.log",
+        "logs/inputs/prompt_{model}_{prompt}.log",
     run:
         write_json(output[0], params.record)
         Path(log[0]).write_text(f"{output[0]}: {params.record['text_tokens']} text tokens, {params.record['source']}\n")
@@ -38,7 +38,7 @@ rule spec:
     params:
         job=job_spec,
     log:
-        f"logs/{RUN}/spec/{{kind}}/{{stem}}.log",
+        "logs/{run}/spec/{kind}/{stem}.log",
     run:
         write_json(output[0], params.job)
         Path(log[0]).write_text(f"{output[0]}: {wildcards.kind} spec\n")

@@ -27,3 +27,18 @@ rule stage_energy:
         "logs/stage_energy.log",
     shell:
         "{E1} {log} stage-energy --latency {input.latency} --out {output}"
+
+
+rule cross_model:
+    # every model of `models` at the cross_model regime, stage by stage, with each stage's analytic FLOPs
+    conda:
+        "../../envs/analysis.yaml"
+    input:
+        summaries=cross_summaries,
+        code=code("crossmodel.py", arch=False),
+    output:
+        "results/e1_cross_model.json",
+    log:
+        "logs/cross_model.log",
+    shell:
+        "{E1} {log} cross-model --out {output} {input.summaries}"

@@ -2,21 +2,23 @@
 
 
 rule measure:
+    # {run} is <model>_<device>_<dtype>: the run's model, and every model of the cross-model study
     conda:
         "../../envs/gpu.yaml"
     input:
-        spec=spec_input("measure", CONFIG),
+        spec=spec_input("measure", CONFIG, run="{run}"),
         image=rules.image.output[0],
-        prompt=rules.prompt.output[0],
-        code=code("latency/measure.py", "jobs/claims.py"),
+        prompt=prompt_file,
+        code=code("latency/measure.py", "jobs/claims.py", arch=False),
+        model=model_code,
     output:
-        parquet=f"results/{RUN}/measure/{CONFIG}.parquet",
-        summary=f"results/{RUN}/measure/{CONFIG}.json",
+        parquet=f"results/{{run}}/measure/{CONFIG}.parquet",
+        summary=f"results/{{run}}/measure/{CONFIG}.json",
     threads: 1 if ON_GPU else workflow.cores
     resources:
         gpu=1 if ON_GPU else 0,
     log:
-        f"logs/{RUN}/measure/{CONFIG}.log",
+        f"logs/{{run}}/measure/{CONFIG}.log",
     shell:
         "{E1} {log} measure --spec {input.spec} --out-parquet {output.parquet} --out-json {output.summary}"
 
@@ -28,7 +30,8 @@ rule fidelity:
     input:
         spec=spec_input("fidelity", CONFIG),
         image=rules.image.output[0],
-        prompt=rules.prompt.output[0],
+        prompt=f"inputs/prompts/{MODEL}/{{prompt}}.json",
+        model=model_files(MODEL),
         code=code("latency/fidelity.py", "jobs/claims.py"),
     output:
         f"results/{RUN}/fidelity/{CONFIG}.json",

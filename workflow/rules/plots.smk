@@ -56,3 +56,20 @@ rule plot_routing:
         "logs/plot_routing.log",
     shell:
         "{E1} {log} plot-routing --latency {input.latency} --out {output}"
+
+
+rule plot_cross_model:
+    conda:
+        "../../envs/analysis.yaml"
+    input:
+        table=rules.cross_model.output[0],
+        code=code("plots/cross_model.py"),
+    output:
+        figure("e1_cross_model"),
+    log:
+        "logs/plot_cross_model.log",
+    shell:
+        "{E1} {log} plot-cross-model --table {input.table} --out {output}"
+
+
+CROSS_OUTPUTS = [*rules.cross_model.output, *rules.plot_cross_model.output]

@@ -8,7 +8,8 @@ rule profile:
     input:
         spec=spec_input("profile", CONFIG),
         image=rules.image.output[0],
-        prompt=rules.prompt.output[0],
+        prompt=f"inputs/prompts/{MODEL}/{{prompt}}.json",
+        model=model_files(MODEL),
         code=code("profile/capture.py", "jobs/claims.py"),
     output:
         trace=f"results/{RUN}/profile/{CONFIG}.trace.json.gz",

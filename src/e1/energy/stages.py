@@ -14,13 +14,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from e1.energy.counter import update_period
 from e1.energy.nvml import GpuSensors, open_sensors
 from e1.energy.windows import not_measured, request_energy, stage_energy
 from e1.model.graphs import GraphedRequest
-from e1.model.molmoe import MolmoE
-from e1.model.stage_inputs import StageInputs
 from e1.names import STAGES
 
 
@@ -32,7 +31,7 @@ def sensors_for(device: torch.device) -> tuple[GpuSensors | None, str]:
 
 
 @torch.inference_mode()
-def stage_calls(model: MolmoE, inp: StageInputs, n_new: int, graphs: GraphedRequest | None
+def stage_calls(model: nn.Module, inp: Any, n_new: int, graphs: GraphedRequest | None
                 ) -> dict[str, Callable[[], None]]:
     """One call of each stage (module doc), on the backend the job was timed with."""
     t = inp.input_ids.shape[1]
@@ -52,9 +51,9 @@ def stage_calls(model: MolmoE, inp: StageInputs, n_new: int, graphs: GraphedRequ
         calls = {"vision_encoder": graphs.vision, "projector": graphs.project, "prefill": graphs.prefill,
                  "decode": rewind_step}
     else:
-        feats = model.encode_images(inp.crops)
-        embeds = model.project(feats, inp.patch_masks)
-        logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+        feats = model.stage_vision(inp)
+        embeds = model.stage_projector(feats, inp)
+        logits, cache = model.stage_prefill(inp, embeds)
         token = logits.argmax(-1, keepdim=True)
         with model.decode_experts():
             for _ in range(mid - t):
@@ -66,16 +65,16 @@ def stage_calls(model: MolmoE, inp: StageInputs, n_new: int, graphs: GraphedRequ
             with model.decode_experts():
                 model.decode_step(token, cache)
 
-        calls = {"vision_encoder": lambda: model.encode_images(inp.crops),
-                 "projector": lambda: model.project(feats, inp.patch_masks),
-                 "prefill": lambda: model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position),
+        calls = {"vision_encoder": lambda: model.stage_vision(inp),
+                 "projector": lambda: model.stage_projector(feats, inp),
+                 "prefill": lambda: model.stage_prefill(inp, embeds),
                  "decode": eager_step}
     if n_new < 2:
         calls.pop("decode")
     return calls
 
 
-def job_energy(model: MolmoE, inp: StageInputs, n_new: int, graphs: GraphedRequest | None,
+def job_energy(model: nn.Module, inp: Any, n_new: int, graphs: GraphedRequest | None,
                sensors: GpuSensors | None, why: str, stage_ms: dict[str, float], settings: dict[str, int],
                log: Callable[[str], None]) -> dict[str, Any]:
     """The energy phase of one job: counter period, per-stage J per call (gross and net of idle), per request

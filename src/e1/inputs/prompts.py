@@ -24,9 +24,9 @@ PROMPT_RULE = "prompt"
 
 
 def synthetic_prompt_ids(arch: Arch, n_tokens: int, name: str, seed: int = 0) -> list[int]:
-    """n_tokens deterministic ids of ordinary text tokens: [2, bos), so never a special token."""
+    """n_tokens deterministic ids of ordinary text tokens: [2, text_max) (MolmoE: [2, bos)), never a special one."""
     rng = np.random.default_rng(seed_of("prompt", name, n_tokens, seed))
-    return [int(i) for i in rng.integers(2, arch.tokens["bos"], n_tokens)]
+    return [int(i) for i in rng.integers(2, arch.tokens.get("text_max", arch.tokens["bos"]), n_tokens)]
 
 
 def template_ids(arch: Arch, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -60,9 +60,15 @@ def resolve_tokenizer(setting: str | None, weights: str) -> str | None:
     return weights if weights != "random" and (Path(weights) / "tokenizer.json").is_file() else None
 
 
+OTHER_SPECIALS = {"llava": {"image": "<image>"},
+                  "qwen2_5_vl": {"image": "<|image_pad|>", "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}}
+OTHER_SPECIALS["qwen3_vl_moe"] = OTHER_SPECIALS["qwen2_5_vl"]
+
+
 def _check_specials(arch: Arch, tok: Any, path: Path) -> None:
     """The image and text special tokens of the tokenizer have the ids the model was built with."""
-    wrong = [f"{text} is {tok.token_to_id(text)} (model: {arch.tokens[key]})" for key, text in SPECIAL_TOKENS.items()
+    specials = SPECIAL_TOKENS if arch.family == "molmoe" else OTHER_SPECIALS[arch.family]
+    wrong = [f"{text} is {tok.token_to_id(text)} (model: {arch.tokens[key]})" for key, text in specials.items()
              if tok.token_to_id(text) != arch.tokens[key]]
     if wrong:
         raise ValueError(f"tokenizer {str(path)!r} does not fit {arch.name}: " + "; ".join(wrong)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from PIL import Image
 
 from e1 import knobs as knob_table
@@ -14,7 +15,6 @@ from e1.jobs.spec import ModelJob
 from e1.model.arch import Arch, load_arch
 from e1.model.build import build_model, resolve_dtype
 from e1.model.graphs import check_graph_support
-from e1.model.molmoe import MolmoE
 from e1.model.preprocess import load_image
 from e1.model.routing import set_routing
 
@@ -47,7 +47,7 @@ def resolve_job(spec: ModelJob) -> tuple[Arch, dict[str, Any], torch.device, tor
     return arch, knobs, device, dtype
 
 
-def build_for(spec: ModelJob, arch: Arch, knobs: dict[str, Any], device: torch.device) -> MolmoE:
+def build_for(spec: ModelJob, arch: Arch, knobs: dict[str, Any], device: torch.device) -> nn.Module:
     """The job's model, with its routing mode applied."""
     model = build_model(arch, device=str(device), dtype=spec.dtype, weights=spec.weights, seed=spec.seed,
                         attn_implementation=knobs["attn_implementation"],
@@ -62,7 +62,7 @@ def job_inputs(spec: ModelJob) -> tuple[Image.Image, dict[str, Any]]:
     return load_image(spec.image_path), read_prompt(spec.prompt_path)
 
 
-def job_meta(spec: ModelJob, model: MolmoE, device: torch.device, dtype: torch.dtype, env: dict[str, Any],
+def job_meta(spec: ModelJob, model: nn.Module, device: torch.device, dtype: torch.dtype, env: dict[str, Any],
              prompt: dict[str, Any]) -> dict[str, Any]:
     """The run facts every model job's artifacts carry: what ran where, which weights were loaded (and how)
     and where the prompt's token ids came from."""

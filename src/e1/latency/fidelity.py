@@ -2,11 +2,13 @@
 
 Per image and eager variant (first prompt, `fidelity.decode_tokens` new tokens): the same model and inputs
 run as e1's prefill + decode loop (the stage API; experts 'auto' follows generate()'s decode policy) and
-through `generate()` (image features spliced into `inputs_embeds`, greedy, EOS ignored so the length is
-forced), alternating e1 / generate() for `fidelity.pairs` pairs after one warm-up of each. Both are timed the
-same way: the host clock around the call, with a synchronize before and after. e1's time includes splicing the
-image embeddings into the token embeddings (a few kernels); generate() receives them spliced. The vision
-encoder and projector run once, untimed, for both.
+through `generate()` (greedy, EOS ignored so the length is forced), alternating e1 / generate() for
+`fidelity.pairs` pairs after one warm-up of each. Both are timed the same way: the host clock around the call,
+with a synchronize before and after. MolmoE (e1's own assembly, no transformers VLM class): generate() of its
+OLMoE receives the image features spliced into `inputs_embeds`; e1's time includes the splice (a few kernels);
+the vision encoder and projector run once, untimed, for both. A transformers VLM (LLaVA, Qwen): the whole
+request on both sides, e1's four stages against the model class's own generate() on the processor's outputs
+(input ids, pixels, grid), vision encoder included.
 """
 
 from __future__ import annotations
@@ -17,23 +19,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from e1.jobs import env as jobenv
 from e1.jobs.io import write_json
 from e1.jobs.log import log
 from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_job
 from e1.jobs.spec import FidelityJob
-from e1.model.molmoe import MolmoE
-from e1.model.stage_inputs import StageInputs, prepare
+from e1.model.stage_inputs import prepare
 
 TARGET = 0.05  # e1 / generate() within +-5 %
 CONVENTION = __doc__.split("\n\n", 1)[1].strip().replace("\n", " ")
 
 
 @torch.inference_mode()
-def e1_request(model: MolmoE, inp: StageInputs, embeds: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """e1's loop without its marks: prefill, then N-1 decode steps in the model's decode context -> (N,) ids."""
-    logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+def e1_request(model: nn.Module, inp: Any, embeds: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """e1's loop without its marks: prefill, then N-1 decode steps in the model's decode context -> (N,) ids.
+    embeds None: the vision encoder and projector run first (the whole request)."""
+    if embeds is None:
+        embeds = model.stage_projector(model.stage_vision(inp), inp)
+    logits, cache = model.stage_prefill(inp, embeds)
     token = logits.argmax(dim=-1, keepdim=True)
     tokens = [token]
     with model.decode_experts():
@@ -45,11 +50,19 @@ def e1_request(model: MolmoE, inp: StageInputs, embeds: torch.Tensor, new_tokens
 
 
 @torch.inference_mode()
-def generate_request(model: MolmoE, spliced: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def generate_request(model: nn.Module, spliced: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """transformers' generate() on the spliced embeddings (1, T, d), greedy, exactly N new tokens -> (N,) ids."""
     mask = torch.ones(spliced.shape[:2], dtype=torch.long, device=spliced.device)
     out = model.causal_lm.generate(inputs_embeds=spliced, attention_mask=mask, max_new_tokens=new_tokens,
                                    do_sample=False, eos_token_id=None, pad_token_id=model.arch.tokens["pad"])
+    return out[0, -new_tokens:]
+
+
+@torch.inference_mode()
+def vlm_generate_request(model: nn.Module, inp: Any, new_tokens: int) -> torch.Tensor:
+    """The transformers VLM's own generate() on the request's processor outputs, greedy, N new tokens -> (N,)."""
+    out = model.hf.generate(**model.generate_inputs(inp), max_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=model.arch.tokens["pad"])
     return out[0, -new_tokens:]
 
 
@@ -63,10 +76,11 @@ def host_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float
     return (time.perf_counter() - t0) * 1e3, out
 
 
-def generate_experts(model: MolmoE) -> dict[str, str]:
+def generate_experts(model: nn.Module) -> dict[str, str]:
     """What generate() runs per stage: the model's implementation for prefill, its decode policy for decode."""
     prefill = model.experts_in_use()
-    policy = getattr(model.causal_lm, "_optimize_model_for_decode", None)
+    owner = model.causal_lm if model.arch.family == "molmoe" else model.hf
+    policy = getattr(owner, "_optimize_model_for_decode", None)
     if not callable(policy):
         return {"prefill": prefill, "decode": prefill}
     with policy():
@@ -83,11 +97,15 @@ def fidelity(spec: FidelityJob, out_json: str | Path) -> dict[str, Any]:
     image, prompt = job_inputs(spec)
     inp, layout = prepare(arch, image, prompt["text_ids"], device, dtype)
     n = spec.decode_tokens
-    with torch.inference_mode():
-        embeds = model.project(model.encode_images(inp.crops), inp.patch_masks)
-        spliced = model.embed_inputs(inp.input_ids, embeds, inp.feature_index, inp.token_position)
-    run_e1 = lambda: e1_request(model, inp, embeds, n)  # noqa: E731
-    run_gen = lambda: generate_request(model, spliced, n)  # noqa: E731
+    if arch.family == "molmoe":
+        with torch.inference_mode():
+            embeds = model.stage_projector(model.stage_vision(inp), inp)
+            spliced = model.embed_inputs(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+        run_e1 = lambda: e1_request(model, inp, embeds, n)  # noqa: E731
+        run_gen = lambda: generate_request(model, spliced, n)  # noqa: E731
+    else:
+        run_e1 = lambda: e1_request(model, inp, None, n)  # noqa: E731
+        run_gen = lambda: vlm_generate_request(model, inp, n)  # noqa: E731
     log(f"{spec.id}: e1 loop vs generate(), {n} new tokens, 1 warm-up + {spec.pairs} interleaved pairs")
     host_ms(run_e1, device)  # warm-up of each
     host_ms(run_gen, device)
@@ -118,6 +136,6 @@ def fidelity(spec: FidelityJob, out_json: str | Path) -> dict[str, Any]:
     return result
 
 
-def _decode_experts(model: MolmoE) -> str:
+def _decode_experts(model: nn.Module) -> str:
     with model.decode_experts():
         return model.experts_in_use()

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from e1.model.graphs import GraphedRequest
-from e1.model.molmoe import MolmoE
-from e1.model.stage_inputs import StageInputs
 
 DECODE_STEPS = 16
 GIB = 2**30
@@ -27,7 +26,7 @@ def cache_bytes(cache: DynamicCache) -> int:
 
 
 @torch.inference_mode()
-def stage_memory(model: MolmoE, inp: StageInputs, new_tokens: int, graphs: GraphedRequest | None = None
+def stage_memory(model: nn.Module, inp: Any, new_tokens: int, graphs: GraphedRequest | None = None
                  ) -> dict[str, Any]:
     device = inp.input_ids.device
     if device.type != "cuda":
@@ -44,10 +43,9 @@ def stage_memory(model: MolmoE, inp: StageInputs, new_tokens: int, graphs: Graph
         out[name] = {"peak_gib": peak / GIB, "increase_gib": (peak - start) / GIB}
         return result
 
-    feats = stage("vision_encoder", lambda: model.encode_images(inp.crops))
-    embeds = stage("projector", lambda: model.project(feats, inp.patch_masks))
-    logits, cache = stage("prefill", lambda: model.prefill(inp.input_ids, embeds, inp.feature_index,
-                                                           inp.token_position))
+    feats = stage("vision_encoder", lambda: model.stage_vision(inp))
+    embeds = stage("projector", lambda: model.stage_projector(feats, inp))
+    logits, cache = stage("prefill", lambda: model.stage_prefill(inp, embeds))
     t = int(inp.input_ids.shape[1])
     after_prefill = cache_bytes(cache)
     steps = min(new_tokens - 1, DECODE_STEPS)

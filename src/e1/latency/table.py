@@ -47,7 +47,8 @@ def read_summary(path: str | Path) -> dict[str, Any]:
     routing = rec["routing"]
     if routing["mode"].expect(str) not in ("learned", "balanced"):
         raise routing["mode"].fail("must be 'learned' or 'balanced'")
-    for ph in ("prefill",) + (("decode",) if rec.data["decode_steps"] > 0 else ()):
+    moe = rec.data["routing"].get("prefill") is not None  # a dense LLM has no expert load
+    for ph in (("prefill",) + (("decode",) if rec.data["decode_steps"] > 0 else ())) * moe:
         routing[ph]["max_over_mean"].number("mean", minimum=1.0)
         routing[ph]["busiest8_share"].number("mean", minimum=0.0)
         routing[ph]["counts"].expect(list)
@@ -140,18 +141,25 @@ def job_cost(configs: list[dict[str, Any]]) -> dict[str, Any] | None:
             "median_step_s": {k: statistics.median(v) for k, v in steps.items()}}
 
 
-def stage_latency(summaries: list[str | Path], out: str | Path) -> dict[str, Any]:
-    """Rule stage_latency: all configurations of one run in one table."""
+def read_same_setup(summaries: list[str | Path], keys: tuple[str, ...], table: str) -> list[dict[str, Any]]:
+    """Measure summaries (read_summary) whose meta agree on `keys`; a mix is an error naming the two files."""
     if not summaries:
-        raise ValueError("no measure summaries to put in the stage latency table")
+        raise ValueError(f"no measure summaries to put in {table}")
     configs = [read_summary(p) for p in summaries]
     first = configs[0]["meta"]
     for path, c in zip(summaries, configs):
-        diff = {k: (first.get(k), c["meta"].get(k)) for k in SHARED if c["meta"].get(k) != first.get(k)}
+        diff = {k: (first.get(k), c["meta"].get(k)) for k in keys if c["meta"].get(k) != first.get(k)}
         if diff:
             raise ArtifactError(f"{path} ({c['id']}) was measured under a different setup than {summaries[0]} "
-                                f"({configs[0]['id']}): {diff}; refusing to mix them in one table. Rebuild the "
+                                f"({configs[0]['id']}): {diff}; refusing to mix them in {table}. Rebuild the "
                                 f"stale one: `snakemake --forcerun {MEASURE_RULE}`")
+    return configs
+
+
+def stage_latency(summaries: list[str | Path], out: str | Path) -> dict[str, Any]:
+    """Rule stage_latency: all configurations of one run in one table."""
+    configs = read_same_setup(summaries, SHARED, "the stage latency table")
+    first = configs[0]["meta"]
     meta = {k: first[k] for k in (*SHARED, "device_type", "convention")}
     meta["env"] = first["env"]
     meta["weights_loaded"] = first.get("weights_loaded")

@@ -1,4 +1,4 @@
-"""The timing core: a fixed-length greedy loop over MolmoE's stage API, with one mark per boundary.
+"""The timing core: a fixed-length greedy loop over a model's stage API (e1.vlm.families), with one mark per boundary.
 
 Convention: N new tokens = 1 prefill forward (its logits give token 1) + N-1 decode steps; EOS ignored.
 On CUDA every mark is an event recorded on the current stream and the run ends with one synchronize;
@@ -11,13 +11,13 @@ import gc
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 from torch.profiler import record_function
 
 from e1.model.graphs import GraphedRequest
-from e1.model.molmoe import MolmoE
-from e1.model.stage_inputs import StageInputs
 from e1.names import COMP_RANGE, STAGE_RANGE
 
 CONVENTION = (
@@ -108,7 +108,7 @@ def gc_paused():
 
 
 @torch.inference_mode()
-def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: bool = True,
+def timed_generate(model: nn.Module, inp: Any, new_tokens: int, events: bool = True,
                    annotate: bool = False, graphs: GraphedRequest | None = None) -> RunTiming:
     """One run of the four stages with forced length `new_tokens`; no host sync inside the run.
 
@@ -128,15 +128,15 @@ def timed_generate(model: MolmoE, inp: StageInputs, new_tokens: int, events: boo
         clock.start()
         clock.mark()
         with rng(f"{STAGE_RANGE}vision_encoder"):
-            feats = model.encode_images(inp.crops) if graphs is None else graphs.vision()
+            feats = model.stage_vision(inp) if graphs is None else graphs.vision()
         clock.mark()
         with rng(f"{STAGE_RANGE}projector"):
-            embeds = model.project(feats, inp.patch_masks) if graphs is None else graphs.project()
+            embeds = model.stage_projector(feats, inp) if graphs is None else graphs.project()
         clock.mark()
         experts["prefill"] = model.experts_in_use()
         with rng(f"{STAGE_RANGE}prefill"):
             if graphs is None:
-                logits, cache = model.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+                logits, cache = model.stage_prefill(inp, embeds)
                 with rng(f"{COMP_RANGE}sampling"):
                     token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
             else:

@@ -19,6 +19,7 @@ class Arch:
     llm: dict[str, Any]
     preprocess: dict[str, Any]
     tokens: dict[str, int]
+    family: str = "molmoe"  # which adapter builds and runs it (e1.vlm.families)
 
     @property
     def patches_per_side(self) -> int:
@@ -35,9 +36,11 @@ class Arch:
 
     def with_knobs(self, moe_top_k: int | None = None, max_crops: int | None = None) -> Arch:
         """This architecture with run-time knobs changed (None keeps the shipped value; bounds: e1.knobs)."""
-        from e1.knobs import check_value
+        from e1.knobs import applies, check_value
 
         arch = self
+        moe_top_k = moe_top_k if applies("moe_top_k", self) else None
+        max_crops = max_crops if applies("max_crops", self) else None
         if moe_top_k is not None:
             check_value("moe_top_k", moe_top_k, self)
             arch = replace(arch, llm={**arch.llm, "top_k": moe_top_k})

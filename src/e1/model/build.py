@@ -1,7 +1,8 @@
-"""Building MolmoE: seeded random weights directly on the target device/dtype, or a local checkpoint."""
+"""Building a model (MolmoE or a transformers VLM, e1.vlm.families): seeded random weights directly on the target device/dtype, or a local checkpoint."""
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -11,7 +12,7 @@ from torch import nn
 from e1.knobs import AXES
 from e1.model.arch import Arch, load_arch
 from e1.model.checkpoint import load_released
-from e1.model.molmoe import MolmoE
+from e1.vlm.families import family
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INIT_STD = 0.02
@@ -50,6 +51,12 @@ def _init_random(model: nn.Module, seed: int) -> None:
             p.normal_(0.0, INIT_STD, generator=gen)
 
 
+def model_class(arch: Arch) -> type[nn.Module]:
+    """The class that builds `arch` (its family's adapter, e1.vlm.families), imported on first use."""
+    module, name = family(arch).model.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def build_model(
     arch: Arch | str,
     device: str = "cpu",
@@ -58,21 +65,25 @@ def build_model(
     seed: int = 0,
     attn_implementation: str = AXES["attn_implementation"].default,
     experts_implementation: str = AXES["experts_implementation"].default,
-) -> MolmoE:
-    """Build MolmoE on `device` in `dtype`.
+) -> nn.Module:
+    """Build `arch`'s model (MolmoE, or a transformers VLM through its adapter) on `device` in `dtype`.
 
-    weights: "random" (seeded N(0, 0.02), made on the device) or a folder in the released MolmoE layout
+    weights: "random" (seeded N(0, 0.02), made on the device) or, for MolmoE, a folder in the released layout
     (e1.model.checkpoint: a Hugging Face download, or one written by save_released); what was loaded is in
     `model.weights_report`. A folder whose config, names or shapes do not match is an error naming them.
     device="meta" builds shapes only (for parameter counts): weights and seed are not used.
     """
     arch = load_arch(arch) if isinstance(arch, str) else arch
     torch_dtype = resolve_dtype(dtype)
+    cls = model_class(arch)
+    if weights != "random" and arch.family != "molmoe":
+        raise ValueError(f"weights {weights!r}: {arch.name} runs with weights: random only (a local checkpoint "
+                         "loads for MolmoE, in the released allenai/MolmoE-1B-0924 layout)")
     if device == "meta":
         with _defaults("meta", torch_dtype):
-            return MolmoE(arch, attn_implementation, experts_implementation)
+            return cls(arch, attn_implementation, experts_implementation)
     with _defaults(device, torch_dtype):
-        model = MolmoE(arch, attn_implementation, experts_implementation)
+        model = cls(arch, attn_implementation, experts_implementation)
     model.eval().requires_grad_(False)
     if weights == "random":
         _init_random(model, seed)

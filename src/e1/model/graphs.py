@@ -3,11 +3,15 @@
 Static buffers hold the request's inputs and every stage's output, so a replay freezes no host-side state
 (no Python position counter, no data-dependent loop):
 
-  vision encoder: crops (n, 3, 336, 336)                    -> features (n, 576, 2048)
-  projector:      features, patch masks (n, 576)            -> image embeddings (n*144, d)
+  vision encoder: the request's inputs (MolmoE: crops (n, 3, 336, 336)) -> features
+  projector:      features, inputs                          -> image embeddings
   prefill:        ids (1, T), embeddings, splice indices    -> logits (1, vocab), token (1, 1); keys/values of
                                                                the T positions in static slots [0, T); pos = T
   decode step:    token (1, 1), static cache, pos           -> logits, token (in place); slot pos written; pos += 1
+
+Every model's stage API (e1.vlm.families) runs here unchanged; the inputs are whatever dataclass its adapter
+makes (tensors become static buffers; host values, such as Qwen's attention segment bounds, stay fixed per
+configuration). The decode step's rotary position is the slot plus the request's rope delta (Qwen's 3-D positions).
 
 Prefill runs transformers' model on a dynamic cache (allocated once, inside its capture) whose keys/values
 the same graph copies into the static cache. A decode step runs transformers' own decoder layers on the
@@ -19,15 +23,16 @@ Without capture() every stage runs eagerly on the same buffers (the CPU tests us
 from __future__ import annotations
 
 import time
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from e1.knobs import problem
-from e1.model.molmoe import _CACHE_KW, MolmoE
 from e1.model.routing import balance_counters
-from e1.model.stage_inputs import StageInputs
+from e1.vlm.decoder import cache_kw
 
 STAGES = ("vision_encoder", "projector", "prefill", "decode")
 # Graph against eager logits: the largest |difference| allowed, relative to the largest |eager logit|.
@@ -54,6 +59,7 @@ class StaticKV:
         self.k = torch.zeros((n_layers, 1, n_heads, max_len, head_dim), device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) next slot to write
+        self.delta = torch.zeros(1, dtype=torch.long, device=device)  # (1,) rotary position minus slot
         self.max_len = max_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -71,51 +77,60 @@ class StaticKV:
             self.k[i, :, :, :t].copy_(layer.keys)
             self.v[i, :, :, :t].copy_(layer.values)
         self.pos.fill_(t)
+        self.delta.fill_(getattr(cache, "e1_rope_delta", 0))
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
 
+def _clone(inp: Any) -> Any:
+    """A request's inputs (a dataclass) with every tensor copied: the graphs' static buffers."""
+    return replace(inp, **{f.name: getattr(inp, f.name).clone() for f in fields(inp)
+                          if isinstance(getattr(inp, f.name), torch.Tensor)})
+
+
 class GraphedRequest:
     """One configuration's request on static buffers: each stage a graph replay once captured."""
 
-    def __init__(self, model: MolmoE, inp: StageInputs, new_tokens: int):
+    def __init__(self, model: nn.Module, inp: Any, new_tokens: int):
         cfg = model.llm_config
         p = next(model.parameters())
         self.model = model
-        self.inp = StageInputs(*(t.clone() for t in (inp.crops, inp.patch_masks, inp.input_ids, inp.feature_index,
-                                                     inp.token_position)))
+        self.inp = _clone(inp)
         max_len = inp.input_ids.shape[1] + max(new_tokens, 4)  # capture warm-up: 3 decode steps
-        self.kv = StaticKV(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads,
-                           max_len, p.device, p.dtype)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.kv = StaticKV(cfg.num_hidden_layers, kv_heads, head_dim, max_len, p.device, p.dtype)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=p.device)  # (1, 1) the last token
         self.logits = torch.zeros((1, model.lm_head.out_features), dtype=p.dtype, device=p.device)  # (1, vocab)
         self.slots = torch.arange(max_len, device=p.device)  # (max_len,)
         self.masked = torch.finfo(p.dtype).min
-        self.features: torch.Tensor | None = None  # vision encoder output
-        self.embeds: torch.Tensor | None = None  # projector output
+        self.features: Any = None  # vision encoder output
+        self.embeds: Any = None  # projector output
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.experts: dict[str, str] = {}  # the experts implementation each stage was captured with
 
-    def load(self, inp: StageInputs) -> None:
+    def load(self, inp: Any) -> None:
         """Copy a request's inputs into the static buffers (same shapes: one configuration)."""
-        for dst, src in zip((self.inp.crops, self.inp.patch_masks, self.inp.input_ids, self.inp.feature_index,
-                             self.inp.token_position),
-                            (inp.crops, inp.patch_masks, inp.input_ids, inp.feature_index, inp.token_position)):
-            if dst.shape != src.shape:
-                raise ValueError(f"inputs of shape {tuple(src.shape)} do not fit the graphs' {tuple(dst.shape)}")
-            dst.copy_(src)
+        for f in fields(inp):
+            dst, src = getattr(self.inp, f.name), getattr(inp, f.name)
+            if isinstance(src, torch.Tensor):
+                if dst.shape != src.shape:
+                    raise ValueError(f"inputs {f.name} of shape {tuple(src.shape)} do not fit the graphs' "
+                                     f"{tuple(dst.shape)}")
+                dst.copy_(src)
+            elif src != dst:
+                raise ValueError(f"inputs {f.name} {src!r} differ from the graphs' {dst!r}")
 
     # --- the stages' bodies (captured by capture(); eager before it) ----------------------------------
     def _vision(self) -> None:
-        self.features = self.model.encode_images(self.inp.crops)
+        self.features = self.model.stage_vision(self.inp)
 
     def _project(self) -> None:
-        self.embeds = self.model.project(self.features, self.inp.patch_masks)
+        self.embeds = self.model.stage_projector(self.features, self.inp)
 
     def _prefill(self) -> None:
-        i = self.inp
-        logits, cache = self.model.prefill(i.input_ids, self.embeds, i.feature_index, i.token_position)
+        logits, cache = self.model.stage_prefill(self.inp, self.embeds)
         self.logits.copy_(logits)
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
         self.kv.load(cache)
@@ -123,12 +138,14 @@ class GraphedRequest:
     def _step(self) -> None:
         llm = self.model.llm
         x = llm.embed_tokens(self.token)  # (1, 1, d)
-        pos = self.kv.pos.view(1, 1)  # (1, 1)
-        rope = llm.rotary_emb(x, pos)
+        pos = self.kv.pos + self.kv.delta  # (1,) the rotary position: slot + the request's rope delta
+        ids = self.model.rope_ids(pos)  # (1, 1), or (3, 1, 1) under 3-D rotary positions
+        rope = llm.rotary_emb(x, ids)
         mask = torch.where(self.slots <= self.kv.pos, 0.0, self.masked).to(x.dtype).view(1, 1, 1, -1)
+        kw = cache_kw(llm.layers[0])
         for layer in llm.layers:
-            x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
-                      **{_CACHE_KW: self.kv})
+            x = layer(x, attention_mask=mask, position_ids=pos.view(1, 1), position_embeddings=rope, use_cache=True,
+                      **{kw: self.kv})
         self.logits.copy_(self.model.lm_head(llm.norm(x)[:, -1]))  # (1, vocab)
         self.token.copy_(self.logits.argmax(dim=-1, keepdim=True))
         self.kv.pos.add_(1)
@@ -191,7 +208,7 @@ class GraphedRequest:
 
 
 @torch.inference_mode()
-def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInputs, tokens: int,
+def compare_with_eager(graph_tokens: torch.Tensor, model: nn.Module, inp: Any, tokens: int,
                        graphs: GraphedRequest) -> dict[str, Any]:
     """The guard for cuda_graph, over the first `tokens` new tokens, in one eager pass that also drives the graphs.
 
@@ -213,8 +230,7 @@ def compare_with_eager(graph_tokens: torch.Tensor, model: MolmoE, inp: StageInpu
     graphs.vision()
     graphs.project()
     graphs.prefill()
-    logits, cache = model.prefill(inp.input_ids, model.project(model.encode_images(inp.crops), inp.patch_masks),
-                                  inp.feature_index, inp.token_position)
+    logits, cache = model.stage_prefill(inp, model.stage_projector(model.stage_vision(inp), inp))
     graph_counters = [c.clone() for c in counters]  # both prefills left the same counters
 
     def rel(eager: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """MolmoE-1B assembled from transformers' CLIP and OLMoE, with a stage-shaped API.
 
-Each stage is one call, so timing code brackets stages exactly:
+Each stage is one call, so timing code brackets stages exactly (the pipeline calls them through the stage API
+every adapter provides, stage_vision / stage_projector / stage_prefill / decode_step, e1.vlm.families):
   encode_images(crops)                  -> ViT features        (vision encoder)
   project(features, patch_masks)        -> image embeddings    (projector)
   prefill(input_ids, image_embeds, ...) -> logits, KV cache    (LLM prefill; logits of the last position)
@@ -20,6 +21,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeForCausalLM, OlmoeMode
 from e1.knobs import AXES
 from e1.model.arch import Arch
 from e1.model.connector import Connector
+from e1.model.stage_inputs import StageInputs
 from e1.model.vision import VisionEncoder
 
 ATTN_IMPLEMENTATIONS = AXES["attn_implementation"].allowed
@@ -132,6 +134,20 @@ class MolmoE(nn.Module):
         """(1, 1) token + cache -> logits (1, vocab); the cache grows by one position."""
         h = self.llm(input_ids=token, use_cache=True, **{_CACHE_KW: cache}).last_hidden_state
         return self.lm_head(h[:, -1]), cache
+
+    # --- the stage API every adapter provides (e1.vlm.families): one request's inputs in, one stage out ---
+    def stage_vision(self, inp: StageInputs) -> torch.Tensor:
+        return self.encode_images(inp.crops)
+
+    def stage_projector(self, features: torch.Tensor, inp: StageInputs) -> torch.Tensor:
+        return self.project(features, inp.patch_masks)
+
+    def stage_prefill(self, inp: StageInputs, embeds: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+        return self.prefill(inp.input_ids, embeds, inp.feature_index, inp.token_position)
+
+    def rope_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) positions -> the position ids OLMoE's rotary embedding takes (1, T)."""
+        return positions.view(1, -1)
 
     # --- helpers for tests and describe ----------------------------------------------------------
     def forward_logits(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, feature_index: torch.Tensor,

@@ -40,20 +40,25 @@ class _Balance:
         return (*rest, balanced)
 
 
+def routers(model: nn.Module) -> list[nn.Module]:
+    """The router of every MoE layer of `model`'s LLM (none in a dense LLM)."""
+    return [layer.mlp.gate for layer in model.llm.layers if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
+
+
 def set_routing(model: nn.Module, mode: str) -> None:
     """Apply the routing mode to every MoE layer of `model` (learned: nothing to do)."""
     if mode not in MODES:
         raise ValueError(f"moe_routing {mode!r}; allowed: {', '.join(MODES)}")
     if mode == "balanced":
         device = next(model.parameters()).device
-        for layer in model.llm.layers:
-            layer.mlp.gate.register_forward_hook(_Balance(model.arch.llm["num_experts"], device))
+        for gate in routers(model):
+            gate.register_forward_hook(_Balance(model.arch.llm["num_experts"], device))
 
 
 def balance_counters(model: nn.Module) -> list[torch.Tensor]:
     """The balanced-routing counters of `model`'s routers (none under learned routing): code that interleaves
     two requests on one model (the cuda_graph guard) keeps a copy per request."""
-    return [hook.offset for layer in model.llm.layers for hook in layer.mlp.gate._forward_hooks.values()
+    return [hook.offset for gate in routers(model) for hook in gate._forward_hooks.values()
             if isinstance(hook, _Balance)]
 
 
@@ -84,9 +89,13 @@ def load_stats(counts: list[list[int]], top_k: int) -> dict[str, Any]:
 @torch.inference_mode()
 def expert_load(model: nn.Module, inp: Any, n_new: int) -> dict[str, Any]:
     """One untimed eager request of `n_new` tokens on `inp` (StageInputs): tokens each expert receives per
-    layer, in prefill and summed over the n_new - 1 decode steps (greedy, EOS ignored, as in the timed runs)."""
+    layer, in prefill and summed over the n_new - 1 decode steps (greedy, EOS ignored, as in the timed runs).
+    A dense LLM has no experts: {"prefill": None, "decode": None}."""
+    gates = routers(model)
+    if not gates:
+        return {"mode_note": "dense LLM: no experts", "prefill": None, "decode": None}
     n_experts, top_k = model.arch.llm["num_experts"], model.arch.llm["top_k"]
-    layers = len(model.llm.layers)
+    layers = len(gates)
     device = next(model.parameters()).device
     phase = {"prefill": torch.zeros(layers, n_experts, dtype=torch.long, device=device),
              "decode": torch.zeros(layers, n_experts, dtype=torch.long, device=device)}
@@ -97,11 +106,9 @@ def expert_load(model: nn.Module, inp: Any, n_new: int) -> dict[str, Any]:
             phase[current[0]][k] += torch.bincount(out[-1].reshape(-1), minlength=n_experts)
         return hook
 
-    handles = [layer.mlp.gate.register_forward_hook(counter(k)) for k, layer in enumerate(model.llm.layers)]
+    handles = [gate.register_forward_hook(counter(k)) for k, gate in enumerate(gates)]
     try:
-        feats = model.encode_images(inp.crops)
-        logits, cache = model.prefill(inp.input_ids, model.project(feats, inp.patch_masks), inp.feature_index,
-                                      inp.token_position)
+        logits, cache = model.stage_prefill(inp, model.stage_projector(model.stage_vision(inp), inp))
         current[0] = "decode"
         with model.decode_experts():
             for _ in range(n_new - 1):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 
 from e1.model.arch import Arch
 from e1.model.preprocess import VisionLayout, build_input_ids, preprocess
+from e1.vlm.families import family
 
 
 @dataclass
@@ -23,8 +26,17 @@ class StageInputs:
 
 
 def prepare(arch: Arch, image: Image.Image, text_ids: list[int], device: torch.device,
-            dtype: torch.dtype) -> tuple[StageInputs, VisionLayout]:
-    """CPU preprocessing + host-to-device copies; returns inputs ready for a run, and the vision layout."""
+            dtype: torch.dtype) -> tuple[Any, Any]:
+    """CPU preprocessing + host-to-device copies through the model family's adapter (e1.vlm.families); returns
+    inputs ready for a run (`input_ids` (1, T) is the LLM sequence), and the image's layout (its counts())."""
+    if arch.family != "molmoe":
+        return importlib.import_module(family(arch).inputs).prepare(arch, image, text_ids, device, dtype)
+    return prepare_molmo(arch, image, text_ids, device, dtype)
+
+
+def prepare_molmo(arch: Arch, image: Image.Image, text_ids: list[int], device: torch.device,
+                  dtype: torch.dtype) -> tuple[StageInputs, VisionLayout]:
+    """Molmo's preprocessing (e1.model.preprocess) onto the device."""
     pp = preprocess(arch, image)
     ids = build_input_ids(arch, pp.layout, text_ids)
     inp = StageInputs(

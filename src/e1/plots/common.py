@@ -25,8 +25,10 @@ def image_area(size: str) -> int:
 
 
 def title_for(title: str, model: str, sep: str = " — ") -> str:
-    """`title`, plus a warning when the model is not MolmoE-1B itself."""
-    return title if model == "molmoe-1b" else f"{title}{sep}{model}: scaled-down stand-in, not MolmoE-1B timings"
+    """`title`, plus a warning when the model is a scaled-down stand-in (a -tiny architecture)."""
+    if not model.endswith("-tiny"):
+        return title
+    return f"{title}{sep}{model}: scaled-down stand-in, not {model.removesuffix('-tiny')} timings"
 
 
 def save(fig: plt.Figure, out_png: str | Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from e1.jobs import env as jobenv
@@ -22,14 +23,13 @@ from e1.jobs.runtime import build_for, job_inputs, job_meta, resolve_job
 from e1.jobs.spec import ProfileJob
 from e1.latency.timing import timed_generate
 from e1.model.graphs import GraphedRequest
-from e1.model.molmoe import MolmoE
 from e1.model.routing import expert_load
-from e1.model.stage_inputs import StageInputs, prepare
+from e1.model.stage_inputs import prepare
 from e1.names import RUN_RANGE
 from e1.profile.ranges import component_ranges
 
 
-def expert_routing(model: MolmoE, inp: StageInputs) -> pa.Table:
+def expert_routing(model: nn.Module, inp: Any) -> pa.Table:
     """Tokens routed to each expert in each layer during one prefill (e1.model.routing.expert_load)."""
     counts = expert_load(model, inp, 1)["prefill"]["counts"]
     n_experts = len(counts[0])

@@ -1,4 +1,4 @@
-"""Named profiler ranges for MolmoE's components, installed by wrapping modules of a built model.
+"""Named profiler ranges for a model's components (MolmoE's, or a transformers VLM's by its module names), installed by wrapping modules of a built model.
 
 Range names (record_function, so they appear in Kineto traces as user annotations): see e1.names.
 """
@@ -6,19 +6,18 @@ Range names (record_function, so they appear in Kineto traces as user annotation
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 from torch.profiler import record_function
 
 from e1.names import COMP_RANGE as COMP
 
-if TYPE_CHECKING:
-    from e1.model.molmoe import MolmoE
 
-
-def component_map(model: MolmoE) -> list[tuple[nn.Module, str]]:
+def component_map(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, range name) for every component the breakdown reports."""
+    if model.arch.family != "molmoe":
+        return _vision_ranges(model) + _llm_ranges(model)
     vit, llm = model.vision.vit, model.llm
     ranges: list[tuple[nn.Module, str]] = [(vit.embeddings, "vit_embed"), (vit.pre_layrnorm, "vit_norm")]
     for i, layer in enumerate(vit.encoder.layers):
@@ -34,6 +33,39 @@ def component_map(model: MolmoE) -> list[tuple[nn.Module, str]]:
     return ranges
 
 
+def _vision_ranges(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """A transformers vision tower (CLIP, or Qwen's ViT and mergers) by transformers' module names."""
+    v = model.vision
+    if model.arch.family == "llava":
+        vm = getattr(v, "vision_model", v)  # CLIPVisionModel holds its parts directly in transformers 5
+        ranges = [(vm.embeddings, "vit_embed"), (vm.pre_layrnorm, "vit_norm"), (vm.post_layernorm, "vit_norm")]
+        for i, layer in enumerate(vm.encoder.layers):
+            ranges += [(layer.self_attn, f"vit_attention@{i}"), (layer.mlp, f"vit_mlp@{i}"),
+                       (layer.layer_norm1, f"vit_norm@{i}"), (layer.layer_norm2, f"vit_norm@{i}")]
+        return ranges + [(model.projector, "projector_mlp")]
+    ranges = [(v.patch_embed, "vit_embed")]
+    for i, block in enumerate(v.blocks):
+        ranges += [(block.attn, f"vit_attention@{i}"), (block.mlp, f"vit_mlp@{i}"), (block.norm1, f"vit_norm@{i}"),
+                   (block.norm2, f"vit_norm@{i}")]
+    return ranges + [(v.merger, "projector_mlp")] + [(m, "projector_mlp") for m in getattr(v, "deepstack_merger_list", [])]
+
+
+def _llm_ranges(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """A transformers decoder: attention, the dense MLP (ffn) or the router and experts, norms, head."""
+    llm = model.llm
+    ranges = [(llm.embed_tokens, "embedding"), (llm.rotary_emb, "attention"), (llm.norm, "norm"),
+              (model.lm_head, "lm_head")]
+    for i, layer in enumerate(llm.layers):
+        mlp = layer.mlp
+        ranges += [(layer.self_attn, f"attention@{i}"), (layer.input_layernorm, f"norm@{i}"),
+                   (layer.post_attention_layernorm, f"norm@{i}")]
+        if hasattr(mlp, "gate") and hasattr(mlp, "experts"):
+            ranges += [(mlp.gate, f"moe_router@{i}"), (mlp.experts, f"moe_experts@{i}")]
+        else:
+            ranges += [(mlp, f"ffn@{i}")]
+    return ranges
+
+
 def _ranged(fn: Callable, name: str) -> Callable:
     def wrapper(*args, **kwargs):
         with record_function(COMP + name):
@@ -43,7 +75,7 @@ def _ranged(fn: Callable, name: str) -> Callable:
 
 
 @contextmanager
-def component_ranges(model: MolmoE) -> Iterator[None]:
+def component_ranges(model: nn.Module) -> Iterator[None]:
     """Wrap each component's forward (and the embedding splice) in a named range; undo on exit."""
     missing = object()
     patched: list[tuple[object, str, object]] = []  # (object, attribute, instance value before)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
@@ -23,8 +24,7 @@ from e1.jobs.io import write_json
 from e1.jobs.runtime import build_for, job_inputs, resolve_job
 from e1.jobs.spec import FlopCheckJob
 from e1.model.arch import Arch
-from e1.model.molmoe import MolmoE
-from e1.model.stage_inputs import StageInputs, prepare
+from e1.model.stage_inputs import prepare
 from e1.roofline import flops
 
 # Ops whose name says they multiply matrices (matmul, conv, attention, dot products): arithmetic the
@@ -94,21 +94,17 @@ def compare(analytic: dict[str, int], counted: dict[str, Any]) -> dict[str, Any]
 
 
 @torch.inference_mode()
-def check_stages(model: MolmoE, arch: Arch, inp: StageInputs, layout: Any) -> dict[str, dict[str, Any]]:
+def check_stages(model: nn.Module, arch: Arch, inp: Any, layout: Any) -> dict[str, dict[str, Any]]:
     """Every stage once, counted; analytic FLOPs from the same counts."""
     t = int(inp.input_ids.shape[1])
-    feats, vis = count(lambda: model.encode_images(inp.crops))
-    embeds, proj = count(lambda: model.project(feats, inp.patch_masks))
-    (logits, cache), pre = count(lambda: model.prefill(inp.input_ids, embeds, inp.feature_index,
-                                                       inp.token_position))
+    feats, vis = count(lambda: model.stage_vision(inp))
+    embeds, proj = count(lambda: model.stage_projector(feats, inp))
+    (logits, cache), pre = count(lambda: model.stage_prefill(inp, embeds))
     token = logits.argmax(-1, keepdim=True)
     _, dec = count(lambda: model.decode_step(token, cache))
-    return {
-        "vision_encoder": compare(flops.vision_encoder(arch, layout.vit_crops), vis),
-        "projector": compare(flops.projector(arch, layout.pooled_features), proj),
-        "prefill": compare(flops.prefill(arch, t), pre),
-        "decode_step": compare(flops.decode_step(arch, t), dec),  # the first step: context = prefill tokens
-    }
+    want = flops.stage_flops(arch, {**layout.counts(), "prefill_tokens": t})  # decode: context = prefill tokens
+    counted = {"vision_encoder": vis, "projector": proj, "prefill": pre, "decode_step": dec}
+    return {stage: compare({k: n for k, n in want[stage].items() if k != "total"}, c) for stage, c in counted.items()}
 
 
 def flop_check(spec: FlopCheckJob, out_json: str | Path) -> dict[str, Any]:

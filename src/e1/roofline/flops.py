@@ -11,6 +11,7 @@ lm_head for the last position only; MoE layers count only the top-k experts of e
 from __future__ import annotations
 
 from e1.model.arch import Arch
+from e1.vlm import flops as vlm_flops
 
 
 def vision_encoder(arch: Arch, crops: int) -> dict[str, int]:
@@ -59,11 +60,20 @@ def prefill(arch: Arch, prefill_tokens: int) -> dict[str, int]:
 
 def decode_step(arch: Arch, context: int) -> dict[str, int]:
     """One decode step whose cache already holds `context` positions (it attends to context + 1 keys)."""
+    if arch.family != "molmoe":
+        return vlm_flops.decode_step(arch, context)
     return _llm_layerwise(arch, 1, context + 1)
 
 
 def stage_flops(arch: Arch, counts: dict) -> dict[str, dict[str, int]]:
-    """Per stage: components and 'total'. counts: vit_crops, pooled_features, prefill_tokens."""
+    """Per stage: components and 'total'. counts: a layout's counts() and prefill_tokens (MolmoE: vit_crops,
+    pooled_features, prefill_tokens); other families: e1.vlm.flops."""
+    if arch.family != "molmoe":
+        stages = {"vision_encoder": vlm_flops.vision_encoder(arch, counts),
+                  "projector": vlm_flops.projector(arch, counts),
+                  "prefill": vlm_flops.prefill(arch, counts["prefill_tokens"]),
+                  "decode_step": vlm_flops.decode_step(arch, counts["prefill_tokens"])}
+        return {name: {**parts, "total": sum(parts.values())} for name, parts in stages.items()}
     stages = {
         "vision_encoder": vision_encoder(arch, counts["vit_crops"]),
         "projector": projector(arch, counts["pooled_features"]),

@@ -11,6 +11,7 @@ under uniform top-k routing, E * (1 - (1 - k/E)^T). Decode reads k experts per l
 from __future__ import annotations
 
 from e1.model.arch import Arch
+from e1.vlm import traffic as vlm_traffic
 
 
 def _vit_weights(arch: Arch) -> int:
@@ -46,7 +47,10 @@ def expected_experts_hit(arch: Arch, tokens: int) -> float:
 
 def stage_bytes(arch: Arch, counts: dict, dtype_bytes: int = 2,
                 experts_hit_per_layer: list[int] | None = None) -> dict[str, dict[str, float]]:
-    """Per stage: weights, kv_cache, activations and total bytes. counts as for e1.roofline.flops.stage_flops."""
+    """Per stage: weights, kv_cache, activations and total bytes. counts as for e1.roofline.flops.stage_flops;
+    other families than MolmoE: e1.vlm.traffic."""
+    if arch.family != "molmoe":
+        return vlm_traffic.stage_bytes(arch, counts, dtype_bytes, experts_hit_per_layer)
     a, v = arch.llm, arch.vision
     d, layers, b = a["hidden_size"], a["num_layers"], dtype_bytes
     crops, pooled, t = counts["vit_crops"], counts["pooled_features"], counts["prefill_tokens"]
@@ -82,6 +86,8 @@ def stage_bytes(arch: Arch, counts: dict, dtype_bytes: int = 2,
 
 def decode_step(arch: Arch, context: int, dtype_bytes: int = 2) -> dict[str, int]:
     """One decode step whose cache already holds `context` positions: weights, kv_cache, activations."""
+    if arch.family != "molmoe":
+        return vlm_traffic.decode_step(arch, context, dtype_bytes)
     a = arch.llm
     d, layers, b = a["hidden_size"], a["num_layers"], dtype_bytes
     head = d * a["vocab_size"] + d  # lm_head + final norm
