@@ -11,6 +11,7 @@ the ordering).
 from __future__ import annotations
 
 import itertools
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def row_of(summary: dict[str, Any]) -> dict[str, Any]:
 def inversions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per stage, image and backend: model pairs where more FLOPs ran in less time."""
     out = []
-    key = lambda r: (r["image"], r["backend"])  # noqa: E731
+    key = itemgetter("image", "backend")
     for (image, backend), group in itertools.groupby(sorted(rows, key=key), key=key):
         group = list(group)
         for stage in STAGES:

@@ -10,6 +10,7 @@ plus the request's rope delta (0 for 1-D positions).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
@@ -21,7 +22,12 @@ from transformers import DynamicCache
 
 def cache_kw(layer: nn.Module) -> str:
     """The name transformers' decoder layer gives its cache argument (renamed during 5.x)."""
-    return "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
+    return _cache_kw(type(layer))
+
+
+@functools.cache
+def _cache_kw(cls: type) -> str:  # read once per class, not on every decode step
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class DecoderStages(nn.Module):

@@ -14,6 +14,7 @@ The text ids are the prompt record's (e1.inputs.prompts), the same template for 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,11 @@ class ImageLayout:
                 "pooled_features": self.pooled_features, "inserted_features": self.inserted_features,
                 "image_tokens": self.image_tokens, "resized": list(self.resized), "downscaled": False,
                 "patch_grid": list(self.grid)}
+
+
+def processor_key(arch: Arch) -> str:
+    """What an image processor is built from (the vision and preprocess values), as a hashable key."""
+    return json.dumps([arch.vision, arch.preprocess], sort_keys=True)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

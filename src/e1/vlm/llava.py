@@ -11,6 +11,9 @@ The whole CLIP tower runs (transformers computes every layer, then takes layer -
 
 from __future__ import annotations
 
+import functools
+import json
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +24,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from e1.model.arch import Arch
 from e1.vlm.decoder import DecoderStages
-from e1.vlm.layout import ImageLayout, feature_positions, input_ids, llava_layout
+from e1.vlm.layout import ImageLayout, feature_positions, input_ids, llava_layout, processor_key
 
 
 def hf_config(arch: Arch, attn_implementation: str) -> LlavaConfig:
@@ -101,9 +104,14 @@ def dense_param_counts(model: DecoderStages, vision: int, projector: int) -> dic
 
 def processor(arch: Arch):
     """transformers' CLIPImageProcessor, built from the architecture's values (nothing is downloaded)."""
+    return _processor(processor_key(arch))
+
+
+@functools.cache
+def _processor(key: str):  # built once per architecture, not in every run's preprocessing
+    _vision, pp = json.loads(key)
     from transformers import CLIPImageProcessor
 
-    pp = arch.preprocess
     return CLIPImageProcessor(size={"shortest_edge": pp["shortest_edge"]},
                               crop_size={"height": pp["crop_size"], "width": pp["crop_size"]},
                               image_mean=pp["image_mean"], image_std=pp["image_std"])

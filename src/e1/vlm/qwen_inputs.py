@@ -7,6 +7,9 @@ for Molmo's crops: the vision stage then runs device work only. The attention se
 
 from __future__ import annotations
 
+import functools
+import json
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +18,8 @@ from PIL import Image
 from transformers import vision_utils as vu
 
 from e1.model.arch import Arch
-from e1.vlm.layout import ImageLayout, feature_positions, input_ids, mrope_positions, qwen_layout
+from e1.vlm.layout import (ImageLayout, feature_positions, input_ids, mrope_positions, processor_key,
+                           qwen_layout)
 
 
 @dataclass
@@ -37,9 +41,14 @@ class QwenInputs:
 
 def processor(arch: Arch):
     """transformers' Qwen2VLImageProcessor with the architecture's values (nothing is downloaded)."""
+    return _processor(processor_key(arch))
+
+
+@functools.cache
+def _processor(key: str):  # built once per architecture, not in every run's preprocessing
+    v, pp = json.loads(key)
     from transformers import Qwen2VLImageProcessor
 
-    v, pp = arch.vision, arch.preprocess
     return Qwen2VLImageProcessor(size={"shortest_edge": pp["min_pixels"], "longest_edge": pp["max_pixels"]},
                                  patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
                                  temporal_patch_size=v["temporal_patch_size"], image_mean=pp["image_mean"],
